@@ -1,0 +1,153 @@
+"""Training-step overhead of the sparsifier, measured as ratios inside one process.
+
+For each model: three identical copies, two dense and one sparsified (RigL, ERK, density 0.1). Their
+steps interleave (rotating order) on the same batches, so drift in machine speed hits all alike; the
+medians give the per-step ratio sparse/dense (steps without a topology update), and the second dense
+copy gives the noise floor of the measurement (dense/dense, an A/A control). Then one topology
+update is timed on its own (median of several calls) and expressed in dense-step units. The extra
+state the sparsifier holds (masks, union) is reported in bytes per sparse parameter.
+
+    uv run python benchmarks/step_overhead.py                       # resnet18 + vit_tiny, 224 px, batch 32
+    uv run python benchmarks/step_overhead.py --img-size 32 --batch-size 128   # small images
+    uv run python benchmarks/step_overhead.py --quick               # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import logging
+
+import timm
+import torch
+import torch.nn.functional as F
+from _common import machine, median, timed, write_json
+
+import itop_timm
+
+
+def sparsifier_state_bytes(sp: itop_timm.Sparsifier) -> int:
+    tensors = list(sp.masks.values()) + list(sp.ever_active.values())
+    if sp._grad_ema is not None:
+        tensors += list(sp._grad_ema.values())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    kwargs = {"img_size": args.img_size} if "vit" in name or "deit" in name or "mixer" in name else {}
+    torch.manual_seed(0)
+    dense = timm.create_model(name, pretrained=False, num_classes=args.num_classes, **kwargs).to(device)
+    control = copy.deepcopy(dense)
+    sparse = copy.deepcopy(dense)
+
+    def sgd(model):
+        return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    opt_dense, opt_control, opt_sparse = sgd(dense), sgd(control), sgd(sparse)
+    total = args.warmup + args.steps
+    sp = itop_timm.sparsify(
+        sparse, opt_sparse, method=args.method, density=args.density, update_interval=10**9, total_steps=10**9
+    )
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (
+            torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device),
+            torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device),
+        )
+        for _ in range(min(total, 4))
+    ]
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    sync = device.type == "cuda"
+
+    def step(model, opt, batch):
+        x, y = batch
+        opt.zero_grad(set_to_none=True)
+        with amp:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    dense_times, control_times, sparse_times = [], [], []
+    runs = [
+        (dense, opt_dense, dense_times),
+        (control, opt_control, control_times),
+        (sparse, opt_sparse, sparse_times),
+    ]
+    for i in range(total):
+        batch = batches[i % len(batches)]
+        # rotate the order so no copy always follows the same one
+        for model, opt, times in runs[i % 3 :] + runs[: i % 3]:
+            t = timed(functools.partial(step, model, opt, batch), sync)
+            if i >= args.warmup:
+                times.append(t)
+    hook_times = [timed(sp.apply_masks, sync) for _ in range(args.steps)]
+    update_times = [timed(sp.update_topology, sync) for _ in range(args.updates)]
+    dense_step = median(dense_times)
+    result = {
+        "model": name,
+        "params_M": sum(p.numel() for p in dense.parameters()) / 1e6,
+        "sparse_params_M": sp.num_sparse_weights / 1e6,
+        "density": sp.density,
+        "dense_step_s": dense_step,
+        "sparse_step_s": median(sparse_times),
+        "step_ratio": median(sparse_times) / dense_step,
+        "control_ratio": median(control_times) / dense_step,
+        "mask_hook_s": median(hook_times),
+        "mask_hook_fraction_of_dense_step": median(hook_times) / dense_step,
+        "update_s": median(update_times),
+        "update_in_dense_steps": median(update_times) / dense_step,
+        "extra_state_bytes_per_sparse_param": sparsifier_state_bytes(sp) / sp.num_sparse_weights,
+    }
+    logging.info("%s", result)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=["resnet18", "vit_tiny_patch16_224"])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per model (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--updates", type=int, default=5, help="timed topology updates")
+    parser.add_argument("--method", default="rigl")
+    parser.add_argument("--density", type=float, default=0.1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny images, few steps")
+    parser.add_argument("--out", default=None, help="JSON file name under benchmarks/results/")
+    args = parser.parse_args()
+    if args.quick:
+        args.img_size, args.batch_size, args.steps, args.warmup, args.updates = 32, 4, 3, 1, 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device(args.device)
+    results = [measure(name, args, device) for name in args.models]
+    payload = {
+        "benchmark": "step_overhead",
+        "machine": machine(),
+        "device": str(device),
+        "settings": vars(args),
+        "results": results,
+    }
+    out = (
+        args.out
+        or f"step_overhead_{device.type}_{args.img_size}px{'_bf16' if args.bf16 else ''}{'_quick' if args.quick else ''}.json"
+    )
+    path = write_json(out, payload)
+    print(
+        f"{'model':28s} {'dense step':>11s} {'sparse/dense':>13s} {'A/A control':>12s} {'update (dense steps)':>21s} {'state B/param':>14s}"
+    )
+    for r in results:
+        print(
+            f"{r['model']:28s} {r['dense_step_s'] * 1e3:9.1f}ms {r['step_ratio']:13.3f} {r['control_ratio']:12.3f} "
+            f"{r['update_in_dense_steps']:21.2f} {r['extra_state_bytes_per_sparse_param']:14.1f}"
+        )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

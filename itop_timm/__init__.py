@@ -1,0 +1,60 @@
+"""itop_timm: sparse training for timm models.
+
+Dynamic sparse training with In-Time Over-Parameterization (ITOP), plugged into the loop you already
+write with timm and Accelerate::
+
+    import timm, itop_timm
+    model = timm.create_model("resnet18", num_classes=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp = itop_timm.sparsify(model, optimizer, method="rigl", density=0.1, total_steps=10_000)
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(); loss.backward(); optimizer.step()   # masks + topology updates happen here
+    print(sp.density, sp.itop_rate)
+
+Importing the package also registers sparse optimizers (``rigl_sgd``, ``set_adamw``, ...) with timm's
+``create_optimizer_v2``.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import timm_optimizers as _timm_optimizers
+from .densities import (
+    compute_layer_densities,
+    layer_densities,
+    register_distribution,
+    sparse_parameter_shapes,
+)
+from .methods import LayerView, MethodInfo, get_method, register_method
+from .registry import list_distributions, list_methods, list_schedules
+from .schedules import ScheduleInfo, create_schedule, register_schedule
+from .sparsifier import SPARSIFY_DEFAULTS, Sparsifier, SparsityConfig, sparsify
+
+try:
+    __version__ = version("itop-timm")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0+unknown"
+
+_timm_optimizers.install()
+
+__all__ = [
+    "__version__",
+    "sparsify",
+    "Sparsifier",
+    "SparsityConfig",
+    "SPARSIFY_DEFAULTS",
+    "layer_densities",
+    "compute_layer_densities",
+    "sparse_parameter_shapes",
+    "list_methods",
+    "list_distributions",
+    "list_schedules",
+    "register_method",
+    "register_distribution",
+    "register_schedule",
+    "get_method",
+    "MethodInfo",
+    "LayerView",
+    "ScheduleInfo",
+    "create_schedule",
+]

@@ -1,0 +1,586 @@
+"""The Sparsifier: masks, the optimizer step hook, the topology update and ITOP bookkeeping.
+
+The training loop stays the user's (``loss.backward(); optimizer.step()``). :func:`sparsify` registers
+an optimizer *step post-hook* that, after every real optimizer step,
+
+1. re-applies the masks to the sparse weights and to every optimizer-state tensor shaped like the
+   weight (SGD momentum, Adam moments, Lion/LAMB state, ...), so inactive weights are exactly 0 and a
+   regrown weight starts at 0 with fresh state;
+2. every ``update_interval`` steps, per layer: drops the ``k = ceil(p_t * active)`` active weights with
+   the lowest drop score and grows ``k`` inactive positions with the highest grow score (the method's
+   two score functions), density preserved; the union of ever-active weights gives R_s.
+
+Steps the optimizer skips (AMP ``GradScaler`` overflow, Accelerate gradient accumulation) never reach
+the hook, so only real optimizer steps are counted. All randomness comes from one seeded CPU
+``torch.Generator``; in a process group rank 0's masks are broadcast after initialisation and after
+every update, so every rank holds identical masks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import nn
+
+from .densities import active_counts, compute_layer_densities, sparse_parameter_shapes, validate_density
+from .distributed import all_finite, broadcast_masks
+from .methods import LayerView, MethodInfo, get_method
+from .registry import DISTRIBUTIONS
+from .schedules import create_schedule
+
+__all__ = [
+    "SparsityConfig",
+    "Sparsifier",
+    "sparsify",
+    "unwrap_model",
+    "unwrap_optimizer",
+    "SPARSIFY_DEFAULTS",
+]
+
+_logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "itop_timm.sparsifier.v1"
+
+#: Values used for :func:`sparsify` arguments that neither the caller nor the method's defaults set.
+SPARSIFY_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "distribution": "erk",
+        "update_interval": 100,
+        "prune_rate": 0.5,
+        "final_prune_rate": 0.005,
+        "prune_schedule": "cosine",
+    }
+)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _patterns(value: str | Iterable[str] | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """Validated settings of a sparse run (see :func:`sparsify` for their meaning)."""
+
+    method: str = "rigl"
+    density: float = 0.1
+    distribution: str = "erk"
+    update_interval: int = 100
+    prune_rate: float = 0.5
+    final_prune_rate: float = 0.005
+    prune_schedule: str = "cosine"
+    total_steps: int | None = None
+    stop_step: int | None = None
+    seed: int = 0
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        method = get_method(self.method)
+        object.__setattr__(self, "method", method.name)
+        object.__setattr__(self, "density", validate_density(self.density))
+        DISTRIBUTIONS.get(self.distribution)  # raises for unknown names
+        object.__setattr__(self, "distribution", self.distribution.lower())
+        object.__setattr__(self, "include", _patterns(self.include))
+        object.__setattr__(self, "exclude", _patterns(self.exclude) or ())
+        if not _is_int(self.update_interval) or self.update_interval < 1:
+            raise ValueError(
+                f"update_interval must be an integer >= 1 (optimizer steps), got {self.update_interval!r}"
+            )
+        if self.total_steps is not None and (not _is_int(self.total_steps) or self.total_steps < 1):
+            raise ValueError(f"total_steps must be a positive integer or None, got {self.total_steps!r}")
+        if self.stop_step is not None and (not _is_int(self.stop_step) or self.stop_step < 0):
+            raise ValueError(f"stop_step must be a non-negative integer or None, got {self.stop_step!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if method.dynamic:  # validates prune_rate, final_prune_rate, schedule name and total_steps
+            create_schedule(self.prune_schedule, self.prune_rate, self.final_prune_rate, self.total_steps)
+
+    @classmethod
+    def resolve(cls, method: str | MethodInfo = "rigl", **given: Any) -> SparsityConfig:
+        """Build a config: explicit (non-``None``) values win over the method's defaults, which win
+        over :data:`SPARSIFY_DEFAULTS`."""
+        info = get_method(method)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise ValueError(f"unknown sparsity setting(s) {unknown}; allowed: {sorted(known - {'method'})}")
+        values: dict[str, Any] = dict(SPARSIFY_DEFAULTS)
+        values.update({k: v for k, v in info.defaults.items() if k in known})
+        values.update({k: v for k, v in given.items() if v is not None})
+        return cls(method=info.name, **values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        d = asdict(self)
+        d["include"] = list(self.include) if self.include is not None else None
+        d["exclude"] = list(self.exclude)
+        return d
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP / DataParallel / FSDP-style ``.module`` wrappers and ``torch.compile``'s ``_orig_mod``."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Strip Accelerate's ``AcceleratedOptimizer`` so hooks sit on the optimizer that really steps."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    while isinstance(optimizer, AcceleratedOptimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class Sparsifier:
+    """Owns the masks of a model's sparse tensors and keeps them applied during training.
+
+    Create it with :func:`sparsify`. Public state:
+
+    * ``masks`` — ``{parameter name: bool tensor}`` (names as in ``model.named_parameters()``);
+    * ``itop_rate`` — R_s, fraction of sparse weights ever active; ``density`` — realised density;
+    * ``layer_densities()`` — realised per-layer densities; ``target_densities`` — planned ones;
+    * ``step`` — real optimizer steps seen; ``last_update`` — stats of the latest topology update;
+    * ``state_dict()`` / ``load_state_dict()`` — masks, union, step, RNG (exact resume; register the
+      sparsifier with ``accelerator.register_for_checkpointing``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: SparsityConfig,
+        masks: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.model = unwrap_model(model)
+        self.optimizer = unwrap_optimizer(optimizer)
+        if not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.config = config
+        self.method: MethodInfo = get_method(config.method)
+
+        shapes = sparse_parameter_shapes(self.model, config.include, config.exclude)
+        if not shapes:
+            raise ValueError(
+                f"{type(self.model).__name__} has no sparsifiable tensor (conv/linear weight"
+                f"{'' if config.include is None else f' matching include={list(config.include)}'}"
+                f"{'' if not config.exclude else f' outside exclude={list(config.exclude)}'})"
+            )
+        params = dict(self.model.named_parameters())
+        self._params: dict[str, nn.Parameter] = {name: params[name] for name in shapes}
+        optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        missing = [name for name, p in self._params.items() if id(p) not in optimized]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} sparse tensor(s) are not optimized by the optimizer (first: {missing[:3]}); "
+                "create the optimizer over the model's parameters, or exclude them"
+            )
+
+        self._generator = torch.Generator().manual_seed(config.seed)
+        if masks is not None:
+            initial = _validated_masks(masks, shapes)
+            counts = {name: int(m.sum()) for name, m in initial.items()}
+            self.target_densities = {name: counts[name] / m.numel() for name, m in initial.items()}
+        else:
+            self.target_densities = compute_layer_densities(shapes, config.density, config.distribution)
+            counts = active_counts(shapes, self.target_densities)
+            initial = {name: self._random_mask(shapes[name], counts[name]) for name in shapes}
+        self._schedule = (
+            create_schedule(
+                config.prune_schedule, config.prune_rate, config.final_prune_rate, config.total_steps
+            )
+            if self.method.dynamic
+            else None
+        )
+        # -- validation done: from here on the model and optimizer are modified --
+        self.masks: dict[str, torch.Tensor] = {
+            name: initial[name].to(p.device) for name, p in self._params.items()
+        }
+        broadcast_masks(list(self.masks.values()))
+        self._ever_active: dict[str, torch.Tensor] = {name: m.clone() for name, m in self.masks.items()}
+        self._grad_ema: dict[str, torch.Tensor] | None = (
+            {name: torch.zeros_like(p, dtype=torch.float32) for name, p in self._params.items()}
+            if self.method.grad_ema_beta is not None
+            else None
+        )
+        self.step = 0
+        self.last_update: dict[str, Any] | None = None
+        self.apply_masks()
+        self._handles = [self.optimizer.register_step_post_hook(self._after_optimizer_step)]
+        _logger.info(
+            "sparsify: method=%s density=%.4f (%s) over %d tensors, %d of %d weights active",
+            self.method.name,
+            self.density,
+            config.distribution,
+            len(self.masks),
+            sum(counts.values()),
+            self.num_sparse_weights,
+        )
+
+    # ------------------------------------------------------------------ masks
+    def _random_mask(self, shape: tuple[int, ...], count: int) -> torch.Tensor:
+        numel = math.prod(shape)
+        mask = torch.zeros(numel, dtype=torch.bool)
+        mask[torch.randperm(numel, generator=self._generator)[:count]] = True
+        return mask.view(shape)
+
+    def _follow_devices(self) -> None:
+        """Move masks (and union/EMA) to their parameter's device, e.g. after ``accelerator.prepare``."""
+        for name, p in self._params.items():
+            if self.masks[name].device != p.device:
+                self.masks[name] = self.masks[name].to(p.device)
+                self._ever_active[name] = self._ever_active[name].to(p.device)
+                if self._grad_ema is not None:
+                    self._grad_ema[name] = self._grad_ema[name].to(p.device)
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero inactive weights and the optimizer state (tensors shaped like the weight) at those positions."""
+        self._follow_devices()
+        tensors: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
+        for name, p in self._params.items():
+            mask = self.masks[name]
+            tensors.append(p)
+            masks.append(mask)
+            for value in self.optimizer.state.get(p, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                    tensors.append(value)
+                    masks.append(mask)
+        torch._foreach_mul_(tensors, masks)
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.step += 1
+        self.apply_masks()
+        if self._grad_ema is not None:
+            self._update_grad_ema()
+        if self.update_due(self.step):
+            self.update_topology()
+
+    @torch.no_grad()
+    def _update_grad_ema(self) -> None:
+        emas, grads = [], []
+        for name, p in self._params.items():
+            if p.grad is not None:
+                emas.append(self._grad_ema[name])
+                grads.append(p.grad.to(torch.float32))
+        if emas:
+            torch._foreach_lerp_(emas, grads, 1.0 - float(self.method.grad_ema_beta))
+
+    # ------------------------------------------------------------ topology
+    def update_due(self, step: int) -> bool:
+        """Whether a topology update runs after optimizer step ``step``: every ``update_interval`` steps,
+        never at or after ``total_steps`` (the last weights stay trained) and not after ``stop_step``."""
+        cfg = self.config
+        return (
+            self.method.dynamic
+            and step % cfg.update_interval == 0
+            and (cfg.total_steps is None or step < cfg.total_steps)
+            and (cfg.stop_step is None or step <= cfg.stop_step)
+        )
+
+    @torch.no_grad()
+    def update_topology(self) -> dict[str, Any]:
+        """Drop and regrow weights in every sparse layer now (normally called by the step hook).
+
+        Returns the stats also stored in ``last_update``. When any gradient is not finite (AMP
+        overflow), the update is skipped and the stats say so.
+        """
+        if not self.method.dynamic:
+            raise RuntimeError(f"method {self.method.name!r} has a static mask: no topology update")
+        self._follow_devices()
+        grads = [p.grad for p in self._params.values() if p.grad is not None]
+        if not all_finite(grads):
+            _logger.warning("step %d: gradients are not finite; topology update skipped", self.step)
+            self.last_update = {"step": self.step, "skipped": "non-finite gradients"}
+            return self.last_update
+        rate = self._schedule(self.step)
+        dropped: dict[str, int] = {}
+        changed: dict[str, torch.Tensor] = {}
+        for name, p in self._params.items():
+            mask = self.masks[name]
+            flat_mask = mask.view(-1)
+            active_idx = flat_mask.nonzero().squeeze(1)  # host sync once per layer and update, never per step
+            active = active_idx.numel()
+            k = min(math.ceil(rate * active), active, flat_mask.numel() - active)
+            if k <= 0:
+                continue
+            view = LayerView(
+                name, p, p.grad, mask, self._ever_active[name], self._grad_ema_of(name), self._generator
+            )
+            drop = (
+                self.method.drop_score(view).reshape(-1)[active_idx].float()
+            )  # rank the active weights only
+            new_mask = flat_mask.clone()
+            new_mask[active_idx[torch.topk(drop, k, largest=False, sorted=False).indices]] = False
+            view = LayerView(
+                name,
+                p,
+                p.grad,
+                new_mask.view(mask.shape),
+                self._ever_active[name],
+                self._grad_ema_of(name),
+                self._generator,
+            )
+            grow = self.method.grow_score(view).reshape(-1).float()
+            grow = torch.where(new_mask, torch.full_like(grow, -math.inf), grow)
+            new_mask[torch.topk(grow, k, sorted=False).indices] = True
+            changed[name] = (flat_mask & ~new_mask).sum()
+            flat_mask.copy_(new_mask)
+            dropped[name] = k
+        broadcast_masks(list(self.masks.values()))
+        for name, mask in self.masks.items():
+            self._ever_active[name] |= mask
+        self.apply_masks()
+        moved = {name: int(v) for name, v in changed.items()}
+        self.last_update = {
+            "step": self.step,
+            "prune_rate": rate,
+            "dropped": sum(dropped.values()),
+            "replaced": sum(moved.values()),
+            "itop_rate": self.itop_rate,
+            "density": self.density,
+            "layers": {
+                name: {"dropped": dropped[name], "grown": dropped[name], "replaced": moved[name]}
+                for name in dropped
+            },
+        }
+        _logger.debug(
+            "topology update at step %d: %s",
+            self.step,
+            {k: v for k, v in self.last_update.items() if k != "layers"},
+        )
+        return self.last_update
+
+    def _grad_ema_of(self, name: str) -> torch.Tensor | None:
+        return None if self._grad_ema is None else self._grad_ema[name]
+
+    # -------------------------------------------------------------- stats
+    @property
+    def num_sparse_weights(self) -> int:
+        """N: number of weights in all sparse tensors."""
+        return sum(m.numel() for m in self.masks.values())
+
+    def _count(self, masks: Iterable[torch.Tensor]) -> int:
+        return sum(int(m.sum()) for m in masks)
+
+    @property
+    def density(self) -> float:
+        """Realised overall density: active weights / N (host sync)."""
+        return self._count(self.masks.values()) / self.num_sparse_weights
+
+    @property
+    def itop_rate(self) -> float:
+        """R_s: weights ever active during training / N (host sync)."""
+        return self._count(self._ever_active.values()) / self.num_sparse_weights
+
+    @property
+    def ever_active(self) -> dict[str, torch.Tensor]:
+        """Union masks of every weight that was ever active (read-only view)."""
+        return dict(self._ever_active)
+
+    def layer_densities(self) -> dict[str, float]:
+        """Realised density of every sparse tensor."""
+        return {name: int(m.sum()) / m.numel() for name, m in self.masks.items()}
+
+    def layer_itop_rates(self) -> dict[str, float]:
+        """R_s of every sparse tensor."""
+        return {name: int(m.sum()) / m.numel() for name, m in self._ever_active.items()}
+
+    # ---------------------------------------------------------- lifecycle
+    def remove(self) -> None:
+        """Detach the optimizer hooks (the masks stay as they are)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def embed_in_optimizer_state(self) -> None:
+        """Also carry this sparsifier's state inside ``optimizer.state_dict()`` under ``"itop_timm"``
+        (restored by ``optimizer.load_state_dict``), so loops that checkpoint only the optimizer — like
+        timm's ``train.py`` — resume masks, union and RNG too."""
+
+        def add_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+            state["itop_timm"] = self.state_dict()
+            return state
+
+        def take_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+            state = dict(state)
+            embedded = state.pop("itop_timm", None)
+            if embedded is not None:
+                self.load_state_dict(embedded)
+            return state
+
+        self._handles.append(self.optimizer.register_state_dict_post_hook(add_state))
+        self._handles.append(self.optimizer.register_load_state_dict_pre_hook(take_state))
+
+    # ------------------------------------------------------- state dict
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-for-bit: masks, union, step, RNG state, gradient EMA.
+
+        Holds only tensors, numbers, strings, lists and dicts (loadable with ``weights_only=True``).
+        """
+        state: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "config": self.config.to_dict(),
+            "step": self.step,
+            "masks": {name: m.detach().cpu().clone() for name, m in self.masks.items()},
+            "ever_active": {name: m.detach().cpu().clone() for name, m in self._ever_active.items()},
+            "generator_state": self._generator.get_state(),
+        }
+        if self._grad_ema is not None:
+            state["grad_ema"] = {name: t.detach().cpu().clone() for name, t in self._grad_ema.items()}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; validates everything before changing anything."""
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not an itop_timm sparsifier state (expected format {STATE_FORMAT!r})")
+        shapes = {name: tuple(p.shape) for name, p in self._params.items()}
+        masks = _validated_masks(state["masks"], shapes, what="masks")
+        union = _validated_masks(state["ever_active"], shapes, what="ever_active")
+        uncovered = [name for name in shapes if bool((masks[name] & ~union[name]).any())]
+        if uncovered:
+            raise ValueError(f"ever_active must contain the masks; not so for {uncovered[:3]}")
+        step = state["step"]
+        if not _is_int(step) or step < 0:
+            raise ValueError(f"invalid step {step!r} in sparsifier state")
+        rng = state["generator_state"]
+        if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
+            raise ValueError("invalid generator_state in sparsifier state")
+        ema = state.get("grad_ema")
+        if self._grad_ema is not None:
+            if (
+                ema is None
+                or set(ema) != set(shapes)
+                or any(tuple(ema[n].shape) != shapes[n] for n in shapes)
+            ):
+                raise ValueError(
+                    f"method {self.method.name!r} needs grad_ema for every sparse tensor in the state"
+                )
+        saved_config = state.get("config", {})
+        differing = sorted(
+            k for k, v in self.config.to_dict().items() if k in saved_config and saved_config[k] != v
+        )
+        if differing:
+            _logger.warning("loading sparsifier state saved with different settings: %s", differing)
+        # -- validated: apply --
+        for name, p in self._params.items():
+            self.masks[name] = masks[name].to(p.device)
+            self._ever_active[name] = union[name].to(p.device)
+            if self._grad_ema is not None:
+                self._grad_ema[name] = ema[name].to(p.device, torch.float32)
+        self.step = step
+        self._generator.set_state(rng)
+        self.apply_masks()
+
+    def __repr__(self) -> str:
+        return (
+            f"Sparsifier(method={self.method.name!r}, tensors={len(self.masks)}, density={self.density:.4f}, "
+            f"itop_rate={self.itop_rate:.4f}, step={self.step})"
+        )
+
+
+def _validated_masks(
+    masks: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], what: str = "masks"
+) -> dict[str, torch.Tensor]:
+    """Check names, shapes and 0/1 values; return CPU bool tensors. Raises ``ValueError`` naming the problem."""
+    if not isinstance(masks, Mapping):
+        raise ValueError(f"{what} must be a mapping of parameter name -> tensor, got {type(masks).__name__}")
+    missing = [n for n in shapes if n not in masks]
+    unexpected = [n for n in masks if n not in shapes]
+    if missing or unexpected:
+        raise ValueError(
+            f"{what} do not fit the model's sparse tensors: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    out = {}
+    for name, shape in shapes.items():
+        mask = masks[name]
+        if not isinstance(mask, torch.Tensor):
+            raise ValueError(f"{what}[{name!r}] must be a tensor, got {type(mask).__name__}")
+        if tuple(mask.shape) != tuple(shape):
+            raise ValueError(
+                f"{what}[{name!r}] has shape {tuple(mask.shape)}, but the parameter has shape {tuple(shape)}"
+            )
+        if mask.dtype != torch.bool:
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(f"{what}[{name!r}] must be bool or hold only 0/1, found other values")
+            mask = mask != 0
+        out[name] = mask.detach().to("cpu").clone()
+    return out
+
+
+def sparsify(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    method: str | MethodInfo = "rigl",
+    density: float = 0.1,
+    distribution: str | None = None,
+    update_interval: int | None = None,
+    prune_rate: float | None = None,
+    prune_schedule: str | None = None,
+    total_steps: int | None = None,
+    stop_step: int | None = None,
+    seed: int = 0,
+    *,
+    final_prune_rate: float | None = None,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
+) -> Sparsifier:
+    """Train ``model`` sparse: draw masks, zero inactive weights and hook ``optimizer.step``.
+
+    Args:
+        model: any ``nn.Module`` (a timm model, possibly wrapped by DDP / ``torch.compile``).
+        optimizer: the optimizer over ``model``'s parameters (torch, timm or Accelerate-wrapped).
+        method: registered method name (``list_methods()``): ``static``, ``set``, ``rigl``, ``snfs``, ``unfired``.
+        density: overall fraction of sparse weights kept, in (0, 1].
+        distribution: layer densities: ``erk`` (default), ``er`` or ``uniform`` (``list_distributions()``).
+        update_interval: ΔT, optimizer steps between topology updates (default 100).
+        prune_rate: initial fraction p0 of each layer's active weights replaced per update (default 0.5).
+        prune_schedule: ``cosine`` (default), ``linear`` or ``constant`` decay of the prune rate.
+        total_steps: T, total optimizer steps of training (needed by decaying schedules).
+        stop_step: last step at which a topology update may happen (``None``: until the end; RigL used 0.75 T).
+        seed: seed of the generator behind the initial masks and every random choice.
+        final_prune_rate: the schedule's end value (default 0.005).
+        include, exclude: fnmatch patterns overriding which tensors are sparse
+            (see :func:`itop_timm.densities.sparse_parameter_shapes`).
+        masks: start from these masks (``{name: bool tensor}``, e.g. from ``load_sparse``) instead of
+            random ones; their densities are kept.
+
+    Every argument is validated before the model or optimizer is touched; bad values raise ``ValueError``
+    naming the value and what is allowed. Arguments left ``None`` take the method's defaults, then
+    :data:`SPARSIFY_DEFAULTS`.
+    """
+    config = SparsityConfig.resolve(
+        method,
+        density=density,
+        distribution=distribution,
+        update_interval=update_interval,
+        prune_rate=prune_rate,
+        final_prune_rate=final_prune_rate,
+        prune_schedule=prune_schedule,
+        total_steps=total_steps,
+        stop_step=stop_step,
+        seed=seed,
+        include=include,
+        exclude=exclude,
+    )
+    return Sparsifier(model, optimizer, config, masks=masks)
