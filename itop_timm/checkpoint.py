@@ -1,0 +1,608 @@
+"""Sparse checkpoints: a Hub-ready folder that plain timm loads and itop_timm verifies.
+
+``save_sparse`` writes, atomically (built in a temporary sibling folder, then renamed):
+
+* ``model.safetensors`` — every tensor of the model, dense, with exact (+0.0) zeros off-mask; plain
+  timm loads it (``timm.create_model("local-dir:<folder>", pretrained=True)``, ``"hf-hub:<repo>"``);
+* or, with ``compact=True``, ``model.compact.safetensors`` — each sparse weight as its nonzero-position
+  values only (the positions are the mask, stored once in ``sparsity.safetensors``); for
+  ``load_sparse``, not for plain timm;
+* ``sparsity.safetensors`` — bit-packed masks and union (R_s) masks, and in its header a JSON record:
+  method, target and realised density, per-layer densities, R_s, step, versions, the timm
+  architecture and its arguments, and a SHA-256 of every model tensor;
+* ``config.json`` — timm's Hub config (written by ``timm.models.save_for_hf``);
+* ``README.md`` — a model card.
+
+``load_sparse`` reads only safetensors and JSON, and checks that names, shapes, dtypes, hashes,
+masks (nonzeros only where a mask allows), counts and densities all agree before returning the model;
+any defect raises :class:`CheckpointError` naming the file and tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save as safetensors_save
+from torch import nn
+
+from .serialization import CheckpointError, atomic_directory, read_safetensors
+from .sparsifier import Sparsifier, unwrap_model
+
+__all__ = [
+    "save_sparse",
+    "load_sparse",
+    "export_checkpoint",
+    "SparseState",
+    "read_sparse_metadata",
+    "resolve_checkpoint_dir",
+    "pack_mask",
+    "unpack_mask",
+    "CheckpointError",
+    "WEIGHTS_FILE",
+    "COMPACT_WEIGHTS_FILE",
+    "SPARSITY_FILE",
+    "CONFIG_FILE",
+    "CARD_FILE",
+]
+
+_logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+COMPACT_WEIGHTS_FILE = "model.compact.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"
+CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
+FORMAT = "itop_timm.sparse"
+FORMAT_VERSION = 1
+_META_KEY = "itop_timm"
+_MASK = "masks/"
+_UNION = "ever_active/"
+
+
+# ----------------------------------------------------------------------------- bit packing
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8 tensor of ``ceil(numel / 8)`` bytes (big-endian bit order, row-major)."""
+    flat = mask.detach().reshape(-1).to("cpu", torch.bool).numpy()
+    return torch.from_numpy(np.packbits(flat))
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`."""
+    numel = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.ndim != 1 or packed.numel() != (numel + 7) // 8:
+        raise CheckpointError(
+            f"packed mask has {packed.numel()} bytes of {packed.dtype}, expected {(numel + 7) // 8} uint8 for shape {shape}"
+        )
+    bits = np.unpackbits(packed.numpy(), count=numel)
+    return torch.from_numpy(bits.astype(np.bool_)).reshape(shape)
+
+
+def _sha256(t: torch.Tensor) -> str:
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+
+
+# ----------------------------------------------------------------------------- save
+def _architecture(model: nn.Module, model_name: str | None) -> str:
+    name = model_name or getattr(model, "pretrained_cfg", {}).get("architecture")
+    if not name:
+        raise ValueError("cannot tell the timm architecture of this model: pass model_name=")
+    import timm
+
+    name = name.split(":")[-1].split(".")[0] if not timm.is_model(name) else name
+    if not timm.is_model(name):
+        raise ValueError(f"model_name {name!r} is not a timm architecture")
+    return name
+
+
+@dataclass(frozen=True)
+class SparseState:
+    """Masks plus what is known about how they were trained (what :func:`load_sparse` returns can be
+    saved again through this, e.g. to export a checkpoint dense or compact)."""
+
+    masks: Mapping[str, torch.Tensor]
+    ever_active: Mapping[str, torch.Tensor] | None = None
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+_INFO_KEYS = (
+    "method",
+    "target_density",
+    "itop_rate",
+    "step",
+    "distribution",
+    "sparsity_config",
+    "target_layer_densities",
+)
+
+
+def _collect_masks(
+    model: nn.Module, source: Sparsifier | SparseState | Mapping[str, torch.Tensor] | None
+) -> tuple[dict, dict | None, dict]:
+    """(masks, union or None, info) with masks validated against the model's parameters."""
+    if source is None:
+        return {}, None, {"method": "dense"}
+    if isinstance(source, Sparsifier):
+        info = {
+            "method": source.method.name,
+            "target_density": source.config.density,
+            "itop_rate": source.itop_rate,
+            "step": source.step,
+            "distribution": source.config.distribution,
+            "sparsity_config": source.config.to_dict(),
+            "target_layer_densities": dict(source.target_densities),
+        }
+        masks, union = dict(source.masks), source.ever_active
+    elif isinstance(source, SparseState):
+        masks = dict(source.masks)
+        union = dict(source.ever_active) if source.ever_active is not None else None
+        info = {"method": "masks", **{k: v for k, v in source.info.items() if k in _INFO_KEYS}}
+    elif isinstance(source, Mapping):
+        masks, union, info = dict(source), None, {"method": "masks"}
+    else:
+        raise ValueError(
+            f"sparsifier_or_masks must be a Sparsifier, a mapping name -> bool mask or None, got {type(source).__name__}"
+        )
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        if name not in params:
+            raise ValueError(f"mask {name!r} names no parameter of the model")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise ValueError(f"mask {name!r} must be a bool tensor")
+        if tuple(mask.shape) != tuple(params[name].shape):
+            raise ValueError(
+                f"mask {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(params[name].shape)}"
+            )
+        if union is not None and (name not in union or tuple(union[name].shape) != tuple(mask.shape)):
+            raise ValueError(f"union mask of {name!r} is missing or has the wrong shape")
+    return masks, union, info
+
+
+def _model_card(meta: Mapping[str, Any], repo_hint: str, compact: bool) -> str:
+    arch = meta["architecture"]
+    lines = [
+        "---",
+        "library_name: timm",
+        "tags:",
+        "- image-classification",
+        "- timm",
+        "- sparse",
+        "- itop_timm",
+        "---",
+        f"# {arch} — sparse ({meta['method']})",
+        "",
+    ]
+    if meta["method"] == "dense":
+        lines.append("Dense model saved with itop_timm.")
+    else:
+        lines += [
+            f"Trained sparse with itop_timm (method `{meta['method']}`): "
+            f"**density {meta['density']:.4f}** ({100 * (1 - meta['density']):.2f} % of conv/linear weights are zero)"
+            + (
+                f", In-Time Over-Parameterization rate **R_s = {meta['itop_rate']:.4f}**"
+                if meta.get("itop_rate") is not None
+                else ""
+            )
+            + (f" after {meta['step']} optimizer steps." if meta.get("step") is not None else "."),
+        ]
+    if meta.get("metrics"):
+        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += [
+            f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+            for k, v in meta["metrics"].items()
+        ]
+    if meta["tensors"]:
+        lines += ["", "## Per-layer sparsity", "", "| tensor | shape | density | R_s |", "|---|---|---|---|"]
+        for name, t in meta["tensors"].items():
+            rs = f"{t['itop_rate']:.4f}" if t.get("itop_rate") is not None else "–"
+            lines.append(f"| `{name}` | {tuple(t['shape'])} | {t['density']:.4f} | {rs} |")
+    load_timm = (
+        "Plain timm reads `model.safetensors` (dense tensors with exact zeros):\n\n"
+        "```python\nimport timm\n"
+        f'model = timm.create_model("hf-hub:{repo_hint}", pretrained=True)      # from the Hub\n'
+        'model = timm.create_model("local-dir:path/to/folder", pretrained=True)  # from a local copy\n```'
+    )
+    if compact:
+        load_timm = (
+            "This is a *compact* export (`model.compact.safetensors`: nonzero values + bit masks); "
+            "load it with itop_timm, or `itop-timm export --dense` it for plain timm."
+        )
+    lines += [
+        "",
+        "## How to load",
+        "",
+        load_timm,
+        "",
+        "With itop_timm (verifies masks, hashes and densities; gives the masks to continue sparse training):",
+        "",
+        "```python\nimport itop_timm\n"
+        f'model, masks, meta = itop_timm.load_sparse("hf-hub:{repo_hint}")\n'
+        "# continue training sparse from these masks:\n"
+        "# sp = itop_timm.sparsify(model, optimizer, masks=masks, total_steps=...)\n```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def save_sparse(
+    model: nn.Module,
+    sparsifier_or_masks: Sparsifier | SparseState | Mapping[str, torch.Tensor] | None,
+    directory: str | os.PathLike,
+    *,
+    model_name: str | None = None,
+    extra_metadata: Mapping[str, Any] | None = None,
+    compact: bool = False,
+    include_union: bool = True,
+    metrics: Mapping[str, Any] | None = None,
+    dataset: str | None = None,
+    label_names: list[str] | None = None,
+    data_config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a sparse checkpoint folder (see the module docstring); returns its path.
+
+    Args:
+        model: the (timm) model; DDP / compile wrappers are unwrapped.
+        sparsifier_or_masks: a :class:`Sparsifier` (masks, union, method, R_s...), a :class:`SparseState`,
+            a ``{name: bool mask}`` mapping, or ``None`` for a dense model.
+        directory: target folder; an existing checkpoint there is replaced only once the new one is complete.
+        model_name: timm architecture name (default: ``model.pretrained_cfg["architecture"]``).
+        extra_metadata: JSON-able values stored under ``"extra"`` in the sparsity metadata.
+        compact: store sparse weights as nonzero values + the bit mask (``model.compact.safetensors``).
+        include_union: store the union (R_s) masks (training state; an inference export may leave them out).
+        metrics: e.g. ``{"test_top1": 91.2}`` for the model card and metadata.
+        dataset: the data set name, for the model card.
+        label_names: class names, stored in ``config.json`` as timm does.
+        data_config: the preprocessing the model was trained with (``input_size``, ``mean``, ``std``,
+            ``crop_pct``, ``interpolation``), stored in ``config.json``'s ``pretrained_cfg``.
+    """
+    from timm.models import save_for_hf
+
+    import itop_timm
+
+    model = unwrap_model(model)
+    arch = _architecture(model, model_name)
+    masks, union, info = _collect_masks(model, sparsifier_or_masks)
+    try:
+        json.dumps(dict(extra_metadata or {}))
+        json.dumps(dict(metrics or {}))
+    except TypeError as err:
+        raise ValueError(f"extra_metadata and metrics must be JSON-serialisable ({err})") from err
+
+    state = model.state_dict()
+    dense: dict[str, torch.Tensor] = {}
+    zeroed = 0
+    for name, tensor in state.items():
+        t = tensor.detach().to("cpu")
+        if name in masks:
+            mask = masks[name].to("cpu")
+            zeroed += int((t[~mask] != 0).sum())
+            t = torch.where(mask, t, torch.zeros((), dtype=t.dtype))  # +0.0 everywhere off-mask
+        dense[name] = t.contiguous().clone()
+    if zeroed:
+        _logger.warning("save_sparse: %d weights outside the masks were nonzero; saved as 0", zeroed)
+
+    tensors_meta: dict[str, Any] = {}
+    for name, mask in masks.items():
+        active = int(mask.sum())
+        entry = {"shape": list(mask.shape), "active": active, "density": active / mask.numel()}
+        if union is not None:
+            entry["itop_rate"] = int(union[name].sum()) / mask.numel()
+        tensors_meta[name] = entry
+    total = sum(m.numel() for m in masks.values())
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "itop_timm_version": itop_timm.__version__,
+        "timm_version": __import__("timm").__version__,
+        "architecture": arch,
+        "num_classes": getattr(model, "num_classes", None),
+        **info,
+        "density": (sum(e["active"] for e in tensors_meta.values()) / total) if total else 1.0,
+        "compact": bool(compact),
+        "has_union": union is not None and include_union,
+        "tensors": tensors_meta,
+        "sha256": {name: _sha256(t) for name, t in dense.items()},
+        "dtypes": {name: str(t.dtype).removeprefix("torch.") for name, t in dense.items()},
+        "shapes": {name: list(t.shape) for name, t in dense.items()},
+        "metrics": dict(metrics or {}),
+        "dataset": dataset,
+        "extra": dict(extra_metadata or {}),
+    }
+    history = getattr(model, "itop_timm_pruning_history", None)
+    if history is not None:
+        meta["structured"] = history
+
+    directory = Path(directory)
+    _recover_interrupted_save(directory)
+    with atomic_directory(directory) as tmp:
+        # timm writes config.json (architecture, num_classes, model_args, pretrained_cfg) and its own
+        # weights file, which is then replaced by the masked copy (exact +0.0 off-mask) or the compact form
+        save_for_hf(
+            model,
+            str(tmp),
+            model_config={"label_names": list(label_names)} if label_names else None,
+            safe_serialization=True,
+            data_config=dict(data_config) if data_config else None,
+        )
+        (tmp / WEIGHTS_FILE).unlink()
+        if compact:
+            packed = {name: (t[masks[name].to("cpu")] if name in masks else t) for name, t in dense.items()}
+            (tmp / COMPACT_WEIGHTS_FILE).write_bytes(
+                safetensors_save(packed, metadata={"format": "pt", _META_KEY: "compact"})
+            )
+        else:
+            (tmp / WEIGHTS_FILE).write_bytes(safetensors_save(dense, metadata={"format": "pt"}))
+        if masks or compact:
+            sparsity: dict[str, torch.Tensor] = {f"{_MASK}{n}": pack_mask(m) for n, m in masks.items()}
+            if meta["has_union"]:
+                sparsity |= {f"{_UNION}{n}": pack_mask(union[n]) for n in masks}
+            meta["sparsity_sha256"] = {k: _sha256(v) for k, v in sparsity.items()}
+            (tmp / SPARSITY_FILE).write_bytes(
+                safetensors_save(sparsity, metadata={_META_KEY: json.dumps(meta)})
+            )
+        (tmp / CARD_FILE).write_text(_model_card(meta, f"<user>/{arch}-sparse", compact))
+    _logger.info(
+        "saved sparse checkpoint (%s, density %.4f) to %s", meta["method"], meta["density"], directory
+    )
+    return directory
+
+
+def _recover_interrupted_save(directory: Path) -> Path:
+    """If a save was interrupted between its two renames, put the previous checkpoint back."""
+    old = directory.with_name(f".{directory.name}.old")
+    if not directory.exists() and old.is_dir():
+        os.replace(old, directory)
+        _logger.warning("restored %s from an interrupted save", directory)
+    return directory
+
+
+# ----------------------------------------------------------------------------- load
+def resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local folder for ``path_or_hub_id`` (``hf-hub:org/name[@rev]`` is fetched through huggingface_hub's cache)."""
+    text = str(path_or_hub_id)
+    if text.startswith(("hf-hub:", "hf_hub:")):
+        from huggingface_hub import snapshot_download
+
+        repo = text.split(":", 1)[1]
+        if "@" in repo and revision is None:
+            repo, revision = repo.split("@", 1)
+        try:
+            local = snapshot_download(
+                repo_id=repo,
+                revision=revision,
+                allow_patterns=[WEIGHTS_FILE, COMPACT_WEIGHTS_FILE, SPARSITY_FILE, CONFIG_FILE, CARD_FILE],
+            )
+        except Exception as err:  # offline without cache, missing repo, network...
+            raise CheckpointError(
+                f"cannot fetch {text!r} from the Hugging Face Hub or its cache: {type(err).__name__}: {err}"
+            ) from err
+        return Path(local)
+    folder = _recover_interrupted_save(Path(text))
+    if not folder.is_dir():
+        raise CheckpointError(f"{text}: no such checkpoint folder (or use hf-hub:<org>/<name>)")
+    return folder
+
+
+def read_sparse_metadata(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The sparsity metadata and the raw (packed) tensors of ``sparsity.safetensors``, integrity-checked."""
+    path = Path(folder) / SPARSITY_FILE
+    tensors, header = read_safetensors(path)
+    if _META_KEY not in header:
+        raise CheckpointError(f"{path}: no itop_timm metadata in the header")
+    try:
+        meta = json.loads(header[_META_KEY])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: corrupted metadata JSON ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an itop_timm sparse checkpoint")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format version {meta.get('format_version')!r}, this itop_timm reads {FORMAT_VERSION}"
+        )
+    expected = meta.get("sparsity_sha256")
+    if not isinstance(expected, dict) or set(expected) != set(tensors):
+        raise CheckpointError(
+            f"{path}: tensors {sorted(set(tensors) ^ set(expected or {}))[:5]} do not match the recorded list"
+        )
+    for key, tensor in tensors.items():
+        if _sha256(tensor) != expected[key]:
+            raise CheckpointError(f"{path}: tensor {key!r} is corrupted (checksum mismatch)")
+    return meta, tensors
+
+
+def _check_meta_types(meta: Mapping[str, Any], path: Path) -> None:
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise CheckpointError(f"{path}: invalid metadata: {what}")
+
+    need(isinstance(meta.get("architecture"), str), "architecture")
+    for key in ("tensors", "sha256", "dtypes", "shapes"):
+        need(isinstance(meta.get(key), dict), key)
+    for name, entry in meta["tensors"].items():
+        need(
+            isinstance(entry, dict)
+            and isinstance(entry.get("shape"), list)
+            and isinstance(entry.get("active"), int),
+            f"tensors[{name!r}]",
+        )
+        need(all(isinstance(s, int) and s >= 0 for s in entry["shape"]), f"tensors[{name!r}].shape")
+        need(isinstance(entry.get("density"), (int, float)), f"tensors[{name!r}].density")
+    need(isinstance(meta.get("density"), (int, float)), "density")
+
+
+def load_sparse(
+    path_or_hub_id: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, Any]]:
+    """Load and verify a sparse checkpoint from a folder or ``hf-hub:org/name``.
+
+    Returns ``(model, masks, metadata)``: the timm model (eval mode, on ``device``), the bool masks
+    (``{}`` for a dense checkpoint) and the metadata dict; ``metadata["ever_active"]`` holds the union
+    masks when stored. Continue training with ``itop_timm.sparsify(model, optimizer, masks=masks, ...)``.
+    """
+    import timm
+
+    folder = resolve_checkpoint_dir(path_or_hub_id, revision)
+    config_path = folder / CONFIG_FILE
+    try:
+        config = json.loads(config_path.read_text())
+        arch = config["architecture"]
+        config_classes = config.get("num_classes")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{config_path}: unreadable timm config ({type(err).__name__}: {err})") from err
+    if not isinstance(arch, str):
+        raise CheckpointError(f"{config_path}: 'architecture' must be a string")
+
+    has_sparsity = (folder / SPARSITY_FILE).exists()
+    if has_sparsity:
+        meta, raw = read_sparse_metadata(folder)
+        _check_meta_types(meta, folder / SPARSITY_FILE)
+    else:
+        meta, raw = {"method": "dense", "compact": False, "tensors": {}}, {}
+    compact = bool(meta.get("compact"))
+    weights_path = folder / (COMPACT_WEIGHTS_FILE if compact else WEIGHTS_FILE)
+
+    if has_sparsity and meta["architecture"] != arch:
+        raise CheckpointError(
+            f"{config_path}: architecture {arch!r} disagrees with {SPARSITY_FILE} ({meta['architecture']!r})"
+        )
+    if not timm.is_model(arch):
+        raise CheckpointError(f"{config_path}: unknown timm architecture {arch!r}")
+    if has_sparsity and meta.get("num_classes") is not None and config_classes != meta["num_classes"]:
+        raise CheckpointError(
+            f"{config_path}: num_classes {config_classes!r} disagrees with {SPARSITY_FILE} ({meta['num_classes']})"
+        )
+
+    # masks first: they are needed to expand a compact file
+    masks: dict[str, torch.Tensor] = {}
+    union: dict[str, torch.Tensor] = {}
+    for name, entry in meta["tensors"].items():
+        key = f"{_MASK}{name}"
+        if key not in raw:
+            raise CheckpointError(f"{folder / SPARSITY_FILE}: mask of {name!r} is missing")
+        shape = tuple(entry["shape"])
+        try:
+            masks[name] = unpack_mask(raw[key], shape)
+            if meta.get("has_union"):
+                union[name] = unpack_mask(raw[f"{_UNION}{name}"], shape)
+        except (CheckpointError, KeyError) as err:
+            raise CheckpointError(f"{folder / SPARSITY_FILE}: tensor {name!r}: {err}") from err
+        active = int(masks[name].sum())
+        if active != entry["active"] or not math.isclose(
+            active / max(1, masks[name].numel()), entry["density"], rel_tol=1e-9, abs_tol=1e-12
+        ):
+            raise CheckpointError(
+                f"{folder / SPARSITY_FILE}: mask of {name!r} has {active} active weights, metadata records {entry['active']}"
+            )
+        if union and bool((masks[name] & ~union[name]).any()):
+            raise CheckpointError(
+                f"{folder / SPARSITY_FILE}: union mask of {name!r} does not contain its mask"
+            )
+    if masks:
+        total = sum(m.numel() for m in masks.values())
+        realised = sum(int(m.sum()) for m in masks.values()) / total
+        if not math.isclose(realised, meta["density"], rel_tol=1e-9):
+            raise CheckpointError(
+                f"{folder / SPARSITY_FILE}: realised density {realised} differs from the recorded {meta['density']}"
+            )
+
+    stored, _ = read_safetensors(weights_path)
+    if compact:
+        state = {}
+        for name, t in stored.items():
+            if name in masks:
+                mask = masks[name]
+                if t.ndim != 1 or t.numel() != int(mask.sum()):
+                    raise CheckpointError(
+                        f"{weights_path}: tensor {name!r} holds {t.numel()} values, its mask has {int(mask.sum())}"
+                    )
+                full = torch.zeros(mask.shape, dtype=t.dtype)
+                full[mask] = t
+                state[name] = full
+            else:
+                state[name] = t
+    else:
+        state = stored
+
+    # build the architecture exactly as timm would from config.json, then check every tensor
+    try:
+        model = timm.create_model(
+            f"local-dir:{folder}", pretrained=False
+        )  # timm's own reading of config.json
+    except Exception as err:
+        raise CheckpointError(
+            f"{config_path}: timm cannot build {arch!r} from it ({type(err).__name__}: {err})"
+        ) from err
+    if "structured" in meta:
+        from .structured.compact import rebuild_compacted
+
+        model = rebuild_compacted(model, meta["structured"])
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights_path}: tensors do not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for name, ref in expected.items():
+        t = state[name]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{weights_path}: tensor {name!r} has shape {tuple(t.shape)}, {arch} needs {tuple(ref.shape)}"
+            )
+        if t.dtype != ref.dtype:
+            raise CheckpointError(
+                f"{weights_path}: tensor {name!r} has dtype {t.dtype}, {arch} needs {ref.dtype}"
+            )
+        if has_sparsity:
+            if meta["shapes"].get(name) != list(t.shape) or meta["dtypes"].get(name) != str(
+                t.dtype
+            ).removeprefix("torch."):
+                raise CheckpointError(
+                    f"{weights_path}: tensor {name!r} disagrees with the shape/dtype recorded in {SPARSITY_FILE}"
+                )
+            if _sha256(t) != meta["sha256"].get(name):
+                raise CheckpointError(
+                    f"{weights_path}: tensor {name!r} is corrupted or from another checkpoint (checksum mismatch)"
+                )
+        if name in masks and bool((t[~masks[name]] != 0).any()):
+            raise CheckpointError(f"{weights_path}: tensor {name!r} has nonzeros where its mask is inactive")
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    metadata = dict(meta)
+    if union:
+        metadata["ever_active"] = {n: u.to(device) for n, u in union.items()}
+    metadata["path"] = str(folder)
+    return model, {n: m.to(device) for n, m in masks.items()}, metadata
+
+
+def export_checkpoint(
+    src: str | os.PathLike, dst: str | os.PathLike, *, compact: bool, include_union: bool = True
+) -> Path:
+    """Verify the checkpoint at ``src`` and write it to ``dst`` dense (plain-timm loadable) or compact."""
+    model, masks, meta = load_sparse(src)
+    if str(dst) == str(meta["path"]):
+        raise ValueError("export needs a different destination folder")
+    source = SparseState(masks, meta.get("ever_active"), meta) if masks else None
+    return save_sparse(
+        model,
+        source,
+        dst,
+        model_name=meta["architecture"],
+        compact=compact,
+        include_union=include_union,
+        metrics=meta.get("metrics"),
+        extra_metadata=meta.get("extra"),
+        dataset=meta.get("dataset"),
+    )

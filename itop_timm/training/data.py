@@ -1,0 +1,410 @@
+"""Image-classification data through 🤗 ``datasets`` with timm transforms.
+
+Sources (``data.dataset``):
+
+* ``fashion_mnist`` — the IDX files of Debian's ``dataset-fashion-mnist`` package
+  (``/usr/share/datasets/fashion-mnist``), converted once to a ``datasets.DatasetDict`` (``image``:
+  ``Image``, ``label``: ``ClassLabel``, the Hub's ``zalando-datasets/fashion_mnist`` schema) and cached
+  as Arrow under the 🤗 datasets cache;
+* ``imagefolder`` — a local ``data_dir`` with one folder per class (``datasets``' imagefolder builder);
+* ``disk`` — a ``DatasetDict`` saved with ``save_to_disk`` at ``data_dir``;
+* anything else — a Hugging Face Hub data set id (``cifar10``, ``zalando-datasets/fashion_mnist``...),
+  loaded with ``datasets.load_dataset`` (from the local cache when ``HF_DATASETS_OFFLINE=1``).
+
+Training augmentation is reproducible: each sample's random crop/flip is seeded by (seed, epoch,
+index), so a resumed run sees exactly the images an uninterrupted run would, whatever the number of
+workers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import random
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .config import DataConfig, ModelConfig
+
+__all__ = [
+    "FASHION_MNIST_DIR",
+    "FASHION_MNIST_CLASSES",
+    "read_idx",
+    "fashion_mnist_from_idx",
+    "load_splits",
+    "Splits",
+    "build_transforms",
+    "resolve_data_config",
+    "ImageClassificationDataset",
+    "EpochShuffleSampler",
+    "make_loader",
+]
+
+_logger = logging.getLogger(__name__)
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed), validating its header against its size."""
+    path = Path(path)
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path}: not an IDX file (bad magic number)")
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise ValueError(
+            f"{path}: IDX header says {dims} ({expected} bytes of data) but the file holds {len(raw) - header}"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+
+
+def _idx_path(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def fashion_mnist_from_idx(data_dir: str | Path = FASHION_MNIST_DIR, cache_dir: str | Path | None = None):
+    """The Fashion-MNIST IDX files as a ``datasets.DatasetDict`` (train 60k / test 10k), cached as Arrow."""
+    import datasets
+
+    folder = Path(data_dir)
+    files = {split: [_idx_path(folder, stem) for stem in stems] for split, stems in _IDX_FILES.items()}
+    missing = [
+        stem
+        for split, stems in _IDX_FILES.items()
+        for stem, p in zip(stems, files[split], strict=True)
+        if p is None
+    ]
+    if missing:
+        raise ValueError(
+            f"Fashion-MNIST IDX files not found in {str(folder)!r} (missing {missing}); on Debian/Ubuntu: "
+            "`apt-get install -y dataset-fashion-mnist`, or set data.data_dir"
+        )
+    digest = hashlib.sha256()
+    for paths in files.values():
+        for p in paths:
+            digest.update(p.name.encode())
+            digest.update(hashlib.sha256(p.read_bytes()).digest())
+    root = Path(cache_dir) if cache_dir is not None else Path(datasets.config.HF_DATASETS_CACHE) / "itop_timm"
+    target = root / f"fashion_mnist_idx-{digest.hexdigest()[:16]}"
+    if (target / "dataset_dict.json").is_file():
+        return datasets.load_from_disk(str(target))
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=FASHION_MNIST_CLASSES)}
+    )
+    splits = {}
+    for split, (images_path, labels_path) in files.items():
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(f"{images_path} / {labels_path}: expected N images of HxW and N labels")
+        if labels.max(initial=0) >= len(FASHION_MNIST_CLASSES):
+            raise ValueError(f"{labels_path}: label {int(labels.max())} outside 0..9")
+        splits[split] = datasets.Dataset.from_dict(
+            {"image": list(images), "label": labels.astype(np.int64)}, features=features
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    try:
+        datasets.DatasetDict(splits).save_to_disk(str(tmp))
+        os.replace(tmp, target)  # atomic; fails if another process already published the cache
+        _logger.info("cached Fashion-MNIST (IDX) as Arrow in %s", target)
+    except OSError:
+        if not (target / "dataset_dict.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return datasets.load_from_disk(str(target))
+
+
+@dataclass
+class Splits:
+    """The train/val/test splits of an image-classification data set and its schema."""
+
+    train: Any
+    val: Any | None
+    test: Any | None
+    image_column: str
+    label_column: str
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _load_source(cfg: DataConfig):
+    import datasets
+
+    name = cfg.dataset
+    if name == "fashion_mnist":
+        return fashion_mnist_from_idx(cfg.data_dir or FASHION_MNIST_DIR)
+    if name in ("imagefolder", "disk"):
+        if not cfg.data_dir or not Path(cfg.data_dir).is_dir():
+            raise ValueError(
+                f"data.dataset={name!r} needs data.data_dir to be an existing folder, got {cfg.data_dir!r}"
+            )
+        if name == "disk":
+            loaded = datasets.load_from_disk(cfg.data_dir)
+            return (
+                loaded
+                if isinstance(loaded, datasets.DatasetDict)
+                else datasets.DatasetDict({"train": loaded})
+            )
+        return datasets.load_dataset("imagefolder", data_dir=cfg.data_dir)
+    if Path(name).exists():
+        raise ValueError(
+            f"data.dataset={name!r} is a local path: use dataset: imagefolder (or disk) with data_dir: {name}"
+        )
+    try:
+        return datasets.load_dataset(name, data_dir=cfg.data_dir)
+    except Exception as err:  # datasets raises many types (offline, not found, bad config)
+        raise ValueError(
+            f"unknown data set {name!r}: not fashion_mnist/imagefolder/disk and not loadable from the Hugging Face Hub "
+            f"or its local cache ({type(err).__name__}: {err})"
+        ) from err
+
+
+def _columns(features: Any, cfg: DataConfig) -> tuple[str, str]:
+    import datasets
+
+    image = cfg.image_column or next((k for k, v in features.items() if isinstance(v, datasets.Image)), None)
+    label = cfg.label_column or next(
+        (k for k, v in features.items() if isinstance(v, datasets.ClassLabel)), None
+    )
+    if label is None and "label" in features:
+        label = "label"
+    if image is None or image not in features:
+        raise ValueError(f"no image column found (columns: {list(features)}); set data.image_column")
+    if label is None or label not in features:
+        raise ValueError(f"no label column found (columns: {list(features)}); set data.label_column")
+    return image, label
+
+
+def load_splits(cfg: DataConfig, seed: int) -> Splits:
+    """Load the data set and name its train/val/test splits; ``ValueError`` before any training on bad input."""
+    import datasets
+
+    source = _load_source(cfg)
+    available = list(source)
+    for role, split in (("train", cfg.train_split), ("val", cfg.val_split), ("test", cfg.test_split)):
+        if split is not None and split not in source:
+            raise ValueError(
+                f"data.{role}_split={split!r} is not in data set {cfg.dataset!r}; available splits: {available}"
+            )
+    train = source[cfg.train_split]
+    image_col, label_col = _columns(train.features, cfg)
+    label_feature = train.features[label_col]
+    if isinstance(label_feature, datasets.ClassLabel):
+        class_names = list(label_feature.names)
+    else:
+        class_names = [str(i) for i in range(int(max(train[label_col])) + 1)]
+    val = source[cfg.val_split] if cfg.val_split is not None else None
+    if val is None and cfg.val_fraction > 0:
+        stratify = label_col if isinstance(label_feature, datasets.ClassLabel) else None
+        parts = train.train_test_split(test_size=cfg.val_fraction, seed=seed, stratify_by_column=stratify)
+        train, val = parts["train"], parts["test"]
+    test = source[cfg.test_split] if cfg.test_split is not None else None
+    if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
+        train = train.shuffle(seed=seed).select(range(cfg.max_train_samples))
+    if cfg.max_eval_samples is not None:
+        val = val.select(range(min(cfg.max_eval_samples, len(val)))) if val is not None else None
+        test = test.select(range(min(cfg.max_eval_samples, len(test)))) if test is not None else None
+    if len(train) == 0:
+        raise ValueError(f"train split {cfg.train_split!r} of {cfg.dataset!r} is empty")
+    return Splits(train, val, test, image_col, label_col, class_names)
+
+
+def _mean_std(
+    cfg: DataConfig, model_cfg: ModelConfig, timm_cfg: dict[str, Any]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    channels = model_cfg.in_chans
+    mean = cfg.mean if cfg.mean is not None else list(timm_cfg["mean"])
+    std = cfg.std if cfg.std is not None else list(timm_cfg["std"])
+    if len(mean) != channels:
+        mean = [float(np.mean(mean))] * channels if cfg.mean is None else mean
+    if len(std) != channels:
+        std = [float(np.mean(std))] * channels if cfg.std is None else std
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"data.mean/std need {channels} values (model.in_chans), got {mean} / {std}")
+    return tuple(mean), tuple(std)
+
+
+def resolve_data_config(cfg: DataConfig, model_cfg: ModelConfig, model: torch.nn.Module) -> dict[str, Any]:
+    """Input size, mean/std and interpolation for ``model`` (timm's ``resolve_data_config`` + the config)."""
+    from timm.data import resolve_data_config as timm_resolve
+
+    timm_cfg = timm_resolve({}, model=model)
+    mean, std = _mean_std(cfg, model_cfg, timm_cfg)
+    size = model_cfg.img_size
+    return {
+        "input_size": (model_cfg.in_chans, size, size),
+        "interpolation": timm_cfg.get("interpolation", "bilinear"),
+        "mean": mean,
+        "std": std,
+        "crop_pct": 1.0,
+    }
+
+
+def build_transforms(
+    cfg: DataConfig, model_cfg: ModelConfig, model: torch.nn.Module
+) -> tuple[Callable, Callable]:
+    """(train, eval) transforms from timm's ``create_transform`` for the resolved data config."""
+    from timm.data import create_transform
+    from torchvision import transforms as T
+
+    data_cfg = resolve_data_config(cfg, model_cfg, model)
+    input_size, size = data_cfg["input_size"], model_cfg.img_size
+    common = {"interpolation": data_cfg["interpolation"], "mean": data_cfg["mean"], "std": data_cfg["std"]}
+    eval_tf = create_transform(input_size, is_training=False, crop_pct=data_cfg["crop_pct"], **common)
+    if cfg.crop == "none":
+        return eval_tf, eval_tf
+    if cfg.crop == "rrc":
+        train_tf = create_transform(
+            input_size,
+            is_training=True,
+            scale=tuple(cfg.scale),
+            ratio=tuple(cfg.ratio),
+            hflip=cfg.hflip,
+            color_jitter=cfg.color_jitter,
+            **common,
+        )
+        return train_tf, eval_tf
+    # "pad": resize to the input size, random crop from a zero-padded copy (the CIFAR recipe), flip,
+    # then timm's final stage (ToTensor + Normalize)
+    _, _, final = create_transform(
+        input_size, is_training=True, separate=True, hflip=0.0, color_jitter=0.0, **common
+    )
+    primary = [T.Resize(size), T.CenterCrop(size), T.RandomCrop(size, padding=cfg.crop_padding)]
+    if cfg.hflip > 0:
+        primary.append(T.RandomHorizontalFlip(cfg.hflip))
+    return T.Compose([*primary, final]), eval_tf
+
+
+class ImageClassificationDataset(Dataset):
+    """(image tensor, label) pairs from a 🤗 dataset; random transforms seeded per (seed, epoch, index)."""
+
+    def __init__(
+        self,
+        data: Any,
+        image_column: str,
+        label_column: str,
+        transform: Callable,
+        mode: str,
+        seed: int | None = None,
+    ) -> None:
+        self.data = data
+        self.image_column = image_column
+        self.label_column = label_column
+        self.transform = transform
+        self.mode = mode
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        row = self.data[int(index)]
+        image = row[self.image_column]
+        if not hasattr(image, "convert"):
+            from PIL import Image
+
+            image = Image.fromarray(np.asarray(image))
+        image = image.convert(self.mode)
+        if self.seed is None:
+            return self.transform(image), int(row[self.label_column])
+        # torchvision draws from torch's default CPU generator, timm's RandomResizedCrop from `random`:
+        # seed both for this sample, then restore them (this may run in the training process itself)
+        sample_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(index)
+        torch_state, py_state = torch.get_rng_state(), random.getstate()
+        torch.default_generator.manual_seed(sample_seed)
+        random.seed(sample_seed)
+        try:
+            x = self.transform(image)
+        finally:
+            torch.set_rng_state(torch_state)
+            random.setstate(py_state)
+        return x, int(row[self.label_column])
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A fresh permutation per epoch, a pure function of (seed, epoch): identical on every rank and
+    after a resume."""
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        return iter(torch.randperm(self.length, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def make_loader(
+    dataset: ImageClassificationDataset, batch_size: int, *, train: bool, seed: int, num_workers: int
+) -> DataLoader:
+    """A DataLoader with its own generator (loader start-up never draws from the global RNG)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochShuffleSampler(len(dataset), seed) if train else None,
+        shuffle=False,
+        drop_last=train and len(dataset) >= batch_size,
+        num_workers=num_workers,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
+    )
