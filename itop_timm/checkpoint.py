@@ -65,6 +65,7 @@ CARD_FILE = "README.md"
 FORMAT = "itop_timm.sparse"
 FORMAT_VERSION = 1
 _META_KEY = "itop_timm"
+_LINK_KEY = "itop_timm.sparsity_sha256"
 _MASK = "masks/"
 _UNION = "ever_active/"
 
@@ -335,21 +336,24 @@ def save_sparse(
             data_config=dict(data_config) if data_config else None,
         )
         (tmp / WEIGHTS_FILE).unlink()
-        if compact:
-            packed = {name: (t[masks[name].to("cpu")] if name in masks else t) for name, t in dense.items()}
-            (tmp / COMPACT_WEIGHTS_FILE).write_bytes(
-                safetensors_save(packed, metadata={"format": "pt", _META_KEY: "compact"})
-            )
-        else:
-            (tmp / WEIGHTS_FILE).write_bytes(safetensors_save(dense, metadata={"format": "pt"}))
+        sparsity_blob = None
         if masks or compact:
             sparsity: dict[str, torch.Tensor] = {f"{_MASK}{n}": pack_mask(m) for n, m in masks.items()}
             if meta["has_union"]:
                 sparsity |= {f"{_UNION}{n}": pack_mask(union[n]) for n in masks}
             meta["sparsity_sha256"] = {k: _sha256(v) for k, v in sparsity.items()}
-            (tmp / SPARSITY_FILE).write_bytes(
-                safetensors_save(sparsity, metadata={_META_KEY: json.dumps(meta)})
-            )
+            sparsity_blob = safetensors_save(sparsity, metadata={_META_KEY: json.dumps(meta)})
+            (tmp / SPARSITY_FILE).write_bytes(sparsity_blob)
+        # the weights file names its companion sparsity file by hash, so a lost or swapped one is detected
+        header = {
+            "format": "pt",
+            _LINK_KEY: hashlib.sha256(sparsity_blob).hexdigest() if sparsity_blob else "none",
+        }
+        if compact:
+            packed = {name: (t[masks[name].to("cpu")] if name in masks else t) for name, t in dense.items()}
+            (tmp / COMPACT_WEIGHTS_FILE).write_bytes(safetensors_save(packed, metadata=header))
+        else:
+            (tmp / WEIGHTS_FILE).write_bytes(safetensors_save(dense, metadata=header))
         (tmp / CARD_FILE).write_text(_model_card(meta, f"<user>/{arch}-sparse", compact))
     _logger.info(
         "saved sparse checkpoint (%s, density %.4f) to %s", meta["method"], meta["density"], directory
@@ -460,12 +464,14 @@ def load_sparse(
         config = json.loads(config_path.read_text())
         arch = config["architecture"]
         config_classes = config.get("num_classes")
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:  # ValueError covers bad JSON and bad UTF-8
         raise CheckpointError(f"{config_path}: unreadable timm config ({type(err).__name__}: {err})") from err
     if not isinstance(arch, str):
         raise CheckpointError(f"{config_path}: 'architecture' must be a string")
 
     has_sparsity = (folder / SPARSITY_FILE).exists()
+    if not has_sparsity and (folder / COMPACT_WEIGHTS_FILE).exists():
+        raise CheckpointError(f"{folder / SPARSITY_FILE}: missing (a compact checkpoint needs its masks)")
     if has_sparsity:
         meta, raw = read_sparse_metadata(folder)
         _check_meta_types(meta, folder / SPARSITY_FILE)
@@ -518,7 +524,19 @@ def load_sparse(
                 f"{folder / SPARSITY_FILE}: realised density {realised} differs from the recorded {meta['density']}"
             )
 
-    stored, _ = read_safetensors(weights_path)
+    stored, weights_header = read_safetensors(weights_path)
+    link = weights_header.get(_LINK_KEY)  # absent: a weights file not written by itop_timm (plain timm)
+    if link == "none" and has_sparsity:
+        raise CheckpointError(f"{weights_path}: saved as a dense checkpoint, but {SPARSITY_FILE} is present")
+    if link is not None and link != "none":
+        if not has_sparsity:
+            raise CheckpointError(
+                f"{folder / SPARSITY_FILE}: missing (its weights file {weights_path.name} refers to it)"
+            )
+        if hashlib.sha256((folder / SPARSITY_FILE).read_bytes()).hexdigest() != link:
+            raise CheckpointError(
+                f"{folder / SPARSITY_FILE}: does not belong to {weights_path.name} (hash mismatch)"
+            )
     if compact:
         state = {}
         for name, t in stored.items():

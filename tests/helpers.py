@@ -27,3 +27,61 @@ def train_steps(
         optimizer.step()
         if on_step is not None:
             on_step(i + 1)
+
+
+def synthetic_images(n: int, classes: int, size: int, channels: int, seed: int):
+    """Images whose class is a bright square at a class-specific place, plus noise (learnable, tiny)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    images = rng.integers(0, 60, size=(n, size, size, channels), dtype=np.uint8)
+    q = size // 2
+    for i, c in enumerate(labels):
+        r, k = divmod(int(c) % 4, 2)
+        images[i, r * q : (r + 1) * q, k * q : (k + 1) * q] += 150
+    return images, labels
+
+
+def make_disk_dataset(
+    root, n_train: int = 64, n_test: int = 32, classes: int = 4, size: int = 16, channels: int = 1
+):
+    """A tiny ``datasets.DatasetDict`` (train/test) saved with ``save_to_disk``; returns its path."""
+    import datasets
+
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[f"c{i}" for i in range(classes)])}
+    )
+    splits = {}
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        images, labels = synthetic_images(n, classes, size, channels, seed)
+        images = images[..., 0] if channels == 1 else images
+        splits[split] = datasets.Dataset.from_dict(
+            {"image": list(images), "label": labels.tolist()}, features=features
+        )
+    path = str(root / "tiny_dataset")
+    datasets.DatasetDict(splits).save_to_disk(path)
+    return path
+
+
+def make_image_folder(root, n_per_class: int = 6, classes: int = 3, size: int = 16):
+    """A tiny RGB imagefolder: root/train/<class>/*.png and root/test/<class>/*.png; returns root."""
+    from PIL import Image
+
+    for split, seed in (("train", 0), ("test", 1)):
+        images, labels = synthetic_images(n_per_class * classes, classes, size, 3, seed)
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            folder = root / split / f"class_{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i}.png")
+    return root
+
+
+def write_idx(path, array) -> None:
+    """Write ``array`` (uint8) as a gzip-compressed IDX file."""
+    import gzip
+    import struct
+
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype("uint8").tobytes())

@@ -191,13 +191,15 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
 
 
-def _check_masks_identical(sparsifier: Sparsifier, step: int) -> None:
+def _check_masks_identical(sparsifier: Sparsifier, step: int) -> int:
+    """All-gather a hash of the masks; stop with an error unless every rank holds the same masks."""
     masks = list(sparsifier.masks.values())
     agree, values = all_ranks_agree(masks_fingerprint(masks), masks[0])
     if not agree:
         raise RuntimeError(
             f"masks differ between ranks after the topology update at step {step}: fingerprints {values}"
         )
+    return values[0]
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -211,7 +213,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     resume_dir, splits = preflight(cfg)
     output = Path(cfg.run.output_dir)
     accelerator = Accelerator(
-        cpu=cfg.run.cpu,
+        # without a GPU, Accelerate only sets up multi-process (gloo) training when told it runs on the CPU
+        cpu=cfg.run.cpu or not torch.cuda.is_available(),
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with="tensorboard" if cfg.run.tensorboard else None,
@@ -402,7 +405,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 seen_update = sparsifier.last_update
                 update = {k: v for k, v in seen_update.items() if k != "layers"}
                 if "skipped" not in update:
-                    _check_masks_identical(sparsifier, state.step)
+                    update["mask_fingerprint"] = _check_masks_identical(sparsifier, state.step)
+                    update["ranks"] = world
                     state.itop_history.append({"step": state.step, "itop_rate": update["itop_rate"]})
                 log.write(
                     {
@@ -498,7 +502,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             unwrapped = accelerator.unwrap_model(model)
             current = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
             accelerator.wait_for_everyone()
-            unwrapped.load_state_dict(load_file(str(best_path), device=str(accelerator.device)))
+            unwrapped.load_state_dict(load_file(str(best_path)))
             best = evaluate(model, loaders["test"], accelerator)
             unwrapped.load_state_dict(current)
             summary |= {"test_top1_best": best["top1"], "test_top5_best": best["top5"]}

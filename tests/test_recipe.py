@@ -1,0 +1,346 @@
+"""The training recipe end to end: tiny real runs, 2 processes under accelerate launch, kill-and-resume,
+bf16, gradient accumulation, and bad input caught before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import make_disk_dataset, make_image_folder, write_idx
+
+import itop_timm
+from itop_timm.checkpoint import load_sparse
+from itop_timm.training import load_config, run
+from itop_timm.training.config import TrainConfig
+from itop_timm.training.data import read_idx
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "train.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> str:
+    return make_disk_dataset(tmp_path_factory.mktemp("data"), n_train=64, n_test=32)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def tiny_config(data_dir: str, output: Path, **sections) -> dict:
+    cfg = {
+        "model": {"name": "test_resnet", "in_chans": 1, "img_size": 16},
+        "data": {
+            "dataset": "disk",
+            "data_dir": data_dir,
+            "val_fraction": 0.25,
+            "batch_size": 8,
+            "eval_batch_size": 16,
+            "num_workers": 0,
+            "crop_padding": 2,
+        },
+        "optim": {"opt": "sgd", "lr": 0.05},
+        "train": {"epochs": 2, "seed": 0},
+        "sparsity": {"method": "rigl", "density": 0.3, "update_interval": 2},
+        "run": {"output_dir": str(output), "log_interval": 1, "checkpoint_interval": 4, "progress": False},
+    }
+    for section, values in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    return cfg
+
+
+def run_config(cfg: dict) -> dict:
+    return run(TrainConfig.from_dict(cfg))
+
+
+def records(output: Path, event: str | None = None) -> list[dict]:
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if event is None or r.get("event") == event]
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+# --------------------------------------------------------------------------- end to end
+def test_tiny_run_end_to_end(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    summary = run_config(tiny_config(tiny_data, out))
+    # 48 train images / batch 8 = 6 optimizer steps per epoch
+    assert summary["total_steps"] == 12
+    for key in (
+        "test_top1_last",
+        "test_top5_last",
+        "test_top1_best",
+        "best_val_top1",
+        "itop_rate",
+        "density",
+        "wall_time_s",
+        "steps_per_s",
+    ):
+        assert key in summary
+    assert summary["density"] == pytest.approx(0.3, abs=1e-3)
+    assert summary["itop_rate"] > summary["density"]
+    train = records(out, "train")
+    assert [r["step"] for r in train] == list(range(1, 13))  # one JSON line per log step
+    assert all({"loss", "lr", "density", "itop_rate", "samples_per_s"} <= set(r) for r in train)
+    updates = records(out, "topology_update")
+    assert [r["step"] for r in updates] == [2, 4, 6, 8, 10]  # none at the last step
+    assert len(records(out, "eval")) == 2 and records(out, "summary")
+    for png in ("itop_rate.png", "layer_density.png", "learning_curves.png"):
+        assert (out / "plots" / png).stat().st_size > 1000
+    assert json.loads((out / "summary.json").read_text())["total_steps"] == 12
+    model, masks, meta = load_sparse(out / "model")
+    assert meta["method"] == "rigl" and meta["step"] == 12 and meta["dataset"] == "disk"
+    assert meta["density"] == pytest.approx(summary["density"]) and meta["itop_rate"] == pytest.approx(
+        summary["itop_rate"]
+    )
+    assert json.loads((out / "model" / "config.json").read_text())["label_names"] == ["c0", "c1", "c2", "c3"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["sparsity"]["density"] == 0.3
+
+
+def test_dense_and_static_runs(tiny_data, tmp_path):
+    dense = run_config(
+        tiny_config(tiny_data, tmp_path / "dense", sparsity={"method": "dense"}, train={"epochs": 1})
+    )
+    assert "itop_rate" not in dense
+    model, masks, meta = load_sparse(tmp_path / "dense" / "model")
+    assert masks == {} and meta["method"] == "dense"
+    static = run_config(
+        tiny_config(tiny_data, tmp_path / "static", sparsity={"method": "static"}, train={"epochs": 1})
+    )
+    assert static["itop_rate"] == pytest.approx(static["density"])
+
+
+def test_fashion_mnist_idx_source(tmp_path):
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    rng = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        write_idx(
+            idx / f"{prefix}-images-idx3-ubyte.gz", torch.randint(0, 255, (n, 28, 28), generator=rng).numpy()
+        )
+        write_idx(idx / f"{prefix}-labels-idx1-ubyte.gz", (torch.arange(n) % 10).numpy())
+    cfg = tiny_config(
+        "", tmp_path / "run", data={"dataset": "fashion_mnist", "data_dir": str(idx), "batch_size": 10}
+    )
+    cfg["model"]["img_size"] = 28
+    summary = run_config(cfg)
+    assert summary["total_steps"] == 2 * (36 // 10)
+    with pytest.raises(ValueError, match="IDX header says"):
+        (idx / "bad").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05\x01\x02")
+        read_idx(idx / "bad")
+
+
+def test_imagefolder_source_rgb(tmp_path):
+    folder = make_image_folder(tmp_path / "images")
+    cfg = tiny_config(
+        str(folder), tmp_path / "run", data={"dataset": "imagefolder", "val_fraction": 0.0, "batch_size": 6}
+    )
+    cfg["model"]["in_chans"] = 3
+    cfg["data"]["val_split"] = None
+    summary = run_config(cfg)
+    assert summary["total_steps"] == 2 * 3 and summary["best_val_top1"] is None
+
+
+# --------------------------------------------------------------------------- accelerate
+def test_two_processes_under_accelerate_launch_hold_identical_masks(tiny_data, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "run", train={"epochs": 2})))
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+    ]
+    cmd += [
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        str(RECIPE),
+        "--config",
+        str(config),
+    ]
+    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["num_processes"] == 2
+    # 48 images, 8 per process and step, 2 processes: 3 steps per epoch
+    assert summary["total_steps"] == 6
+    updates = records(tmp_path / "run", "topology_update")
+    assert updates and all(
+        r["ranks"] == 2 and "mask_fingerprint" in r for r in updates
+    )  # checked equal on both ranks
+    assert len({r["mask_fingerprint"] for r in updates}) == len(updates)  # and they did change
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "whole", train={"epochs": 3}, sparsity={"method": "set"})
+    (tmp_path / "whole.yaml").write_text(yaml.safe_dump(cfg))
+    cfg["run"]["output_dir"] = str(tmp_path / "killed")
+    (tmp_path / "killed.yaml").write_text(yaml.safe_dump(cfg))
+
+    def launch(script, config, *extra, kill_at=None):
+        env = subprocess_env() | ({"KILL_AT_STEP": str(kill_at)} if kill_at else {})
+        return subprocess.run(
+            [sys.executable, str(script), "--config", str(config), *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    whole = launch(RECIPE, tmp_path / "whole.yaml")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = launch(ROOT / "tests" / "kill_at_step.py", tmp_path / "killed.yaml", kill_at=10)
+    assert killed.returncode == -signal.SIGKILL
+    checkpoints = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000004", "step_00000008"]  # the kill came two steps after the last one
+    resumed = launch(RECIPE, tmp_path / "killed.yaml", "--run.resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    model_a, masks_a, meta_a = load_sparse(tmp_path / "whole" / "model")
+    model_b, masks_b, meta_b = load_sparse(tmp_path / "killed" / "model")
+    assert all(torch.equal(masks_a[n], masks_b[n]) for n in masks_a)
+    assert all(torch.equal(meta_a["ever_active"][n], meta_b["ever_active"][n]) for n in masks_a)
+    assert meta_a["itop_rate"] == meta_b["itop_rate"] and meta_a["step"] == meta_b["step"] == 18
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert meta_a["sha256"] == meta_b["sha256"]
+    loss_a = [(r["step"], r["loss"]) for r in records(tmp_path / "whole", "train")]
+    loss_b = [(r["step"], r["loss"]) for r in records(tmp_path / "killed", "train")]
+    assert loss_a == loss_b  # the log was cut back to the checkpoint and continued identically
+
+
+def test_bf16_autocast_on_cpu(tiny_data, tmp_path):
+    summary = run_config(
+        tiny_config(tiny_data, tmp_path / "run", train={"mixed_precision": "bf16", "epochs": 1})
+    )
+    assert summary["total_steps"] == 6 and summary["itop_rate"] > summary["density"]
+    model, masks, _ = load_sparse(tmp_path / "run" / "model")
+    params = dict(model.named_parameters())
+    assert all(not params[n][~m].any() for n, m in masks.items())
+
+
+def test_gradient_accumulation_counts_real_optimizer_steps(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    summary = run_config(tiny_config(tiny_data, out, train={"gradient_accumulation_steps": 2, "epochs": 2}))
+    assert summary["total_steps"] == 2 * 3  # 6 batches per epoch, 2 per optimizer step
+    updates = records(out, "topology_update")
+    assert [r["sparsifier_step"] for r in updates] == [2, 4]  # ΔT counted in optimizer steps
+    assert [r["step"] for r in records(out, "train")] == list(range(1, 7))
+    _, _, meta = load_sparse(out / "model")
+    assert meta["step"] == 6
+
+
+# --------------------------------------------------------------------------- bad input
+def assert_untouched(path: Path) -> None:
+    assert not path.exists(), f"{path} was created by a run that should have failed first"
+
+
+def test_unknown_model_suggests_timm_names(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "run")
+    cfg["model"]["name"] = "resnet181"
+    with pytest.raises(ValueError, match=r"unknown timm model 'resnet181'; did you mean \[.*'resnet18'"):
+        run_config(cfg)
+    assert_untouched(tmp_path / "run")
+
+
+def test_unknown_dataset_and_missing_path(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "run", data={"dataset": "no-such-org/no_such_dataset_xyz"})
+    with pytest.raises(ValueError, match="unknown data set 'no-such-org/no_such_dataset_xyz'"):
+        run_config(cfg)
+    cfg = tiny_config(str(tmp_path / "missing"), tmp_path / "run", data={"dataset": "imagefolder"})
+    with pytest.raises(ValueError, match="needs data.data_dir to be an existing folder"):
+        run_config(cfg)
+    cfg = tiny_config(tiny_data, tmp_path / "run", data={"test_split": "validation"})
+    with pytest.raises(
+        ValueError,
+        match=r"data.test_split='validation' is not in data set 'disk'; available splits: \['train', 'test'\]",
+    ):
+        run_config(cfg)
+    cfg = tiny_config(tiny_data, tmp_path / "run", sparsity={"method": "rgil"})
+    with pytest.raises(ValueError, match="unknown method 'rgil'"):
+        run_config(cfg)
+    cfg = tiny_config(tiny_data, tmp_path / "run", train={"mixed_precision": "fp16"}, run={"cpu": True})
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        run_config(cfg)
+    assert_untouched(tmp_path / "run")
+
+
+def test_bad_config_keys_list_the_valid_ones(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"unknown config key 'optim.learning_rate'.*valid keys: .*optim\.lr"
+    ):
+        load_config(None, ["--optim.learning_rate", "0.1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"sparsity": {"densty": 0.1}}))
+    with pytest.raises(
+        ValueError,
+        match=r"unknown key\(s\) \['sparsity.densty'\] \(sparsity.densty: did you mean sparsity.density\?\)",
+    ):
+        load_config(bad)
+    with pytest.raises(ValueError, match="train.epochs must be an integer"):
+        load_config(None, ["--train.epochs", "two"])
+    result = subprocess.run(
+        [sys.executable, str(RECIPE), "--sparsity.densty", "0.1"],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "unknown config key 'sparsity.densty'" in result.stderr
+
+
+def test_resume_with_a_different_config_is_refused_and_nothing_is_overwritten(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    run_config(tiny_config(tiny_data, out, train={"epochs": 1}))
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    different = tiny_config(
+        tiny_data, out, train={"epochs": 1}, sparsity={"density": 0.2}, run={"resume": "latest"}
+    )
+    with pytest.raises(ValueError, match=r"different config:\n  sparsity.density: 0.3 -> 0.2"):
+        run_config(different)
+    fresh = tiny_config(tiny_data, out, train={"epochs": 1})
+    with pytest.raises(ValueError, match="already holds checkpoints of another run"):
+        run_config(fresh)
+    with pytest.raises(ValueError, match="no checkpoint in"):
+        run_config(tiny_config(tiny_data, tmp_path / "other", run={"resume": "latest"}))
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_cli_help_lists_config_keys():
+    result = subprocess.run(
+        [sys.executable, str(RECIPE), "--help"],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0
+    assert "--sparsity.density" in result.stdout and "accelerate launch" in result.stdout
+    assert itop_timm.__version__
