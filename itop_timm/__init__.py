@@ -19,15 +19,18 @@ Importing the package also registers sparse optimizers (``rigl_sgd``, ``set_adam
 from importlib.metadata import PackageNotFoundError, version
 
 from . import timm_optimizers as _timm_optimizers
+from .checkpoint import SparseState, export_checkpoint, load_sparse, save_sparse
 from .densities import (
     compute_layer_densities,
     layer_densities,
     register_distribution,
     sparse_parameter_shapes,
 )
+from .hub import push_to_hub
 from .methods import LayerView, MethodInfo, get_method, register_method
 from .registry import list_distributions, list_methods, list_schedules
 from .schedules import ScheduleInfo, create_schedule, register_schedule
+from .serialization import CheckpointError
 from .sparsifier import SPARSIFY_DEFAULTS, Sparsifier, SparsityConfig, sparsify
 
 try:
@@ -57,4 +60,10 @@ __all__ = [
     "LayerView",
     "ScheduleInfo",
     "create_schedule",
+    "save_sparse",
+    "load_sparse",
+    "export_checkpoint",
+    "SparseState",
+    "push_to_hub",
+    "CheckpointError",
 ]

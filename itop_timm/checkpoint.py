@@ -345,8 +345,9 @@ def save_sparse(
             sparsity_blob = safetensors_save(sparsity, metadata={_META_KEY: json.dumps(meta)})
             (tmp / SPARSITY_FILE).write_bytes(sparsity_blob)
         # the weights file names its companion sparsity file by hash, so a lost or swapped one is detected
+        # (a single metadata key: safetensors writes several in no fixed order, and saves should be
+        # byte-for-byte reproducible)
         header = {
-            "format": "pt",
             _LINK_KEY: hashlib.sha256(sparsity_blob).hexdigest() if sparsity_blob else "none",
         }
         if compact:
@@ -476,7 +477,7 @@ def load_sparse(
         meta, raw = read_sparse_metadata(folder)
         _check_meta_types(meta, folder / SPARSITY_FILE)
     else:
-        meta, raw = {"method": "dense", "compact": False, "tensors": {}}, {}
+        meta, raw = {"method": "dense", "compact": False, "tensors": {}, "architecture": arch}, {}
     compact = bool(meta.get("compact"))
     weights_path = folder / (COMPACT_WEIGHTS_FILE if compact else WEIGHTS_FILE)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -60,9 +61,12 @@ def push_to_hub(
             raise ValueError(
                 f"{folder} is not a sparse checkpoint folder (no {WEIGHTS_FILE}); create it with save_sparse"
             )
-        _, masks, meta = load_sparse(folder)  # verify before publishing
+        # verify and upload one private copy, so a save into `folder` meanwhile cannot slip through unchecked
+        snapshot = Path(tmp) / "verified"
+        shutil.copytree(folder, snapshot)
+        _, masks, meta = load_sparse(snapshot)
         operations = []
-        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        for path in sorted(p for p in snapshot.iterdir() if p.is_file()):
             content: str | bytes = str(path)
             if path.name == CARD_FILE:  # the card's load snippets name the repo
                 content = path.read_text().replace(f"<user>/{meta['architecture']}-sparse", repo_id).encode()

@@ -135,6 +135,14 @@ def install() -> None:
         create_optimizer._itop_timm = True  # type: ignore[attr-defined]
         registry.create_optimizer = create_optimizer
     listed = set(registry.list_optimizers())
+    from .structured.rmda import RMDA, ProxSGD
+
+    for name, cls, description in (
+        ("rmda", RMDA, "RMDA: regularized modernized dual averaging (structured sparsity, Huang & Lee 2022)"),
+        ("proxsgd", ProxSGD, "proximal SGD with momentum (group LASSO / L1 baseline for RMDA)"),
+    ):
+        if name not in listed:
+            registry.register(OptimInfo(name=name, opt_class=cls, description=description, has_eps=False, has_momentum=True))
     for method in METHODS.names():
         for base in LISTED_BASES:
             name = f"{method}_{base}"

@@ -13,6 +13,7 @@ import difflib
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -224,7 +225,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if main:
         output.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(output)
+        if resume_dir is None and cfg.run.overwrite:  # a fresh run replaces the old one's checkpoints
+            shutil.rmtree(checkpoint_dir(output), ignore_errors=True)
+            (output / "best.safetensors").unlink(missing_ok=True)
         atomic_write_text(output / "config.yaml", cfg.to_yaml())
+    accelerator.wait_for_everyone()
     set_seed(cfg.train.seed)
 
     num_classes = cfg.model.num_classes or splits.num_classes
