@@ -61,3 +61,112 @@ def write_json(name: str, payload: dict[str, Any], out_dir: Path = RESULTS) -> P
     path = out_dir / name
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = RESULTS / "runs"
+
+
+def fashion_mnist_config(
+    output_dir: Path,
+    *,
+    epochs: int,
+    train_samples: int | None,
+    seed: int,
+    method: str = "dense",
+    density: float = 1.0,
+    update_interval: int = 50,
+    batch_size: int = 128,
+    per_epoch_test: bool = False,
+) -> dict[str, Any]:
+    """The issue's Fashion-MNIST protocol: timm resnet18 (1 channel), SGD 0.1 / Nesterov 0.9 / wd 5e-4,
+    lr x0.1 at 1/2 and 3/4, random-crop + flip augmentation, batch 128."""
+    cfg: dict[str, Any] = {
+        "model": {"name": "resnet18", "in_chans": 1, "img_size": 28},
+        "data": {
+            "dataset": "fashion_mnist",
+            "data_dir": "/usr/share/datasets/fashion-mnist",
+            "val_split": "test" if per_epoch_test else None,
+            "val_fraction": 0.0,
+            "test_split": "test",
+            "max_train_samples": train_samples,
+            "batch_size": batch_size,
+            "eval_batch_size": 500,
+            "num_workers": 1,
+            "mean": [0.2860],
+            "std": [0.3530],
+            "crop": "pad",
+            "crop_padding": 2,
+        },
+        "optim": {"opt": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
+        "sched": {"name": "multistep", "milestones": [0.5, 0.75], "decay_rate": 0.1},
+        "train": {"epochs": epochs, "seed": seed},
+        "sparsity": {"method": method},
+        "run": {
+            "output_dir": str(output_dir),
+            "log_interval": 25,
+            "checkpoint_interval": 0,
+            "keep_checkpoints": 1,
+            "progress": False,
+            "overwrite": True,
+        },
+    }
+    if method != "dense":
+        cfg["sparsity"] |= {
+            "density": density,
+            "distribution": "erk",
+            "update_interval": update_interval,
+            "prune_rate": 0.5,
+            "prune_schedule": "cosine",
+        }
+    return cfg
+
+
+def run_recipe(cfg: dict[str, Any], *, processes: int = 1, timeout: int = 7200) -> dict[str, Any]:
+    """Run ``recipes/train.py`` on ``cfg`` in a fresh process (``accelerate launch`` for several) and
+    return its summary plus the metrics log."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    out = Path(cfg["run"]["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "bench_config.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    recipe = [str(ROOT / "recipes" / "train.py"), "--config", str(config_path), "--log-level", "WARNING"]
+    if processes > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "0",
+            *recipe,
+        ]
+    else:
+        cmd = [sys.executable, *recipe]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"run failed ({' '.join(cmd)}):\n{result.stderr[-4000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    summary["metrics"] = [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line
+    ]
+    return summary
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if len(values) == 1:
+        return values[0], 0.0
+    return statistics.mean(values), statistics.stdev(values)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import json
 import logging
 
 import timm
@@ -103,6 +104,77 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     return result
 
 
+def peak_rss_child(args: argparse.Namespace) -> dict:
+    """In a fresh process: a few training steps of one model, dense or sparse; peak RSS in bytes,
+    counted from after the imports (Linux: the peak is reset through /proc/self/clear_refs)."""
+    from pathlib import Path
+
+    def vm(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{field} not in /proc/self/status")
+
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    baseline = vm("VmRSS")
+    name = args.models[0]
+    kwargs = {"img_size": args.img_size} if "vit" in name or "deit" in name or "mixer" in name else {}
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=args.num_classes, **kwargs)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    if args.child == "sparse":
+        sp = itop_timm.sparsify(
+            model, opt, method=args.method, density=args.density, update_interval=2, total_steps=10**6
+        )
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    y = torch.randint(0, args.num_classes, (args.batch_size,))
+    for _ in range(4):  # includes topology updates at steps 2 and 4 for the sparse run
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    out = {"peak_rss_bytes": vm("VmHWM") - baseline}
+    if args.child == "sparse":
+        out["sparse_params"] = sp.num_sparse_weights
+    return out
+
+
+def peak_memory(name: str, args: argparse.Namespace) -> dict:
+    """Peak RSS growth (above the imported interpreter) of dense vs sparse training in separate
+    processes, and the difference per sparse parameter."""
+    import subprocess
+    import sys
+
+    common = [
+        sys.executable,
+        __file__,
+        "--models",
+        name,
+        "--batch-size",
+        str(args.batch_size),
+        "--img-size",
+        str(args.img_size),
+    ]
+    common += [
+        "--num-classes",
+        str(args.num_classes),
+        "--method",
+        args.method,
+        "--density",
+        str(args.density),
+    ]
+    got = {}
+    for kind in ("dense", "sparse"):
+        proc = subprocess.run([*common, "--child", kind], capture_output=True, text=True, check=True)
+        got[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
+    extra = got["sparse"]["peak_rss_bytes"] - got["dense"]["peak_rss_bytes"]
+    return {
+        "peak_rss_dense_MB": got["dense"]["peak_rss_bytes"] / 1e6,
+        "peak_rss_sparse_MB": got["sparse"]["peak_rss_bytes"] / 1e6,
+        "peak_rss_ratio": got["sparse"]["peak_rss_bytes"] / got["dense"]["peak_rss_bytes"],
+        "peak_extra_bytes_per_sparse_param": extra / got["sparse"]["sparse_params"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -120,12 +192,24 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny images, few steps")
     parser.add_argument("--out", default=None, help="JSON file name under benchmarks/results/")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="also measure peak RSS of dense vs sparse training (child processes)",
+    )
+    parser.add_argument("--child", choices=["dense", "sparse"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(peak_rss_child(args)))
+        return
     if args.quick:
         args.img_size, args.batch_size, args.steps, args.warmup, args.updates = 32, 4, 3, 1, 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
     results = [measure(name, args, device) for name in args.models]
+    if args.memory:
+        for r in results:
+            r.update(peak_memory(r["model"], args))
     payload = {
         "benchmark": "step_overhead",
         "machine": machine(),
@@ -146,6 +230,11 @@ def main() -> None:
             f"{r['model']:28s} {r['dense_step_s'] * 1e3:9.1f}ms {r['step_ratio']:13.3f} {r['control_ratio']:12.3f} "
             f"{r['update_in_dense_steps']:21.2f} {r['extra_state_bytes_per_sparse_param']:14.1f}"
         )
+        if "peak_rss_ratio" in r:
+            print(
+                f"{'':28s} peak RSS dense {r['peak_rss_dense_MB']:.0f} MB, sparse {r['peak_rss_sparse_MB']:.0f} MB "
+                f"(x{r['peak_rss_ratio']:.3f}, {r['peak_extra_bytes_per_sparse_param']:+.1f} B per sparse parameter)"
+            )
     print(f"wrote {path}")
 
 

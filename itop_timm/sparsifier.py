@@ -340,7 +340,7 @@ class Sparsifier:
                 self._generator,
             )
             grow = self.method.grow_score(view).reshape(-1).float()
-            grow = torch.where(new_mask, torch.full_like(grow, -math.inf), grow)
+            grow = torch.where(new_mask, grow.new_full((), -math.inf), grow)  # candidates: inactive positions
             new_mask[torch.topk(grow, k, sorted=False).indices] = True
             changed[name] = (flat_mask & ~new_mask).sum()
             flat_mask.copy_(new_mask)

@@ -142,7 +142,9 @@ def install() -> None:
         ("proxsgd", ProxSGD, "proximal SGD with momentum (group LASSO / L1 baseline for RMDA)"),
     ):
         if name not in listed:
-            registry.register(OptimInfo(name=name, opt_class=cls, description=description, has_eps=False, has_momentum=True))
+            registry.register(
+                OptimInfo(name=name, opt_class=cls, description=description, has_eps=False, has_momentum=True)
+            )
     for method in METHODS.names():
         for base in LISTED_BASES:
             name = f"{method}_{base}"

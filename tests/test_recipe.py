@@ -344,3 +344,53 @@ def test_cli_help_lists_config_keys():
     assert result.returncode == 0
     assert "--sparsity.density" in result.stdout and "accelerate launch" in result.stdout
     assert itop_timm.__version__
+
+
+def test_every_shipped_config_is_valid():
+    configs = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
+    assert len(configs) >= 8
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.model.name and cfg.run.output_dir.startswith("runs/")
+
+
+def test_weight_averaging_in_the_recipe(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(
+        tiny_data,
+        out,
+        averaging={"enabled": True, "period_epochs": 1.0, "last_fraction": 0.5, "bn_update_batches": 2},
+    )
+    run_config(cfg)
+    events = records(out, "averaging")
+    assert [e["step"] for e in events] == [6, 12] and all(
+        e["samples"] == 3 and e["bn_batches"] == 2 for e in events
+    )
+    bad = tiny_config(tiny_data, tmp_path / "bad", averaging={"enabled": True, "sample_prob": 0.0})
+    with pytest.raises(ValueError, match=r"averaging.sample_prob must be in \(0, 1\]"):
+        run_config(bad)
+
+
+def test_rmda_in_the_recipe_logs_structured_sparsity(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(
+        tiny_data,
+        out,
+        optim={
+            "opt": "rmda",
+            "lr": 0.5,
+            "momentum": 0.01,
+            "weight_decay": 0.0,
+            "kwargs": {"weight_lambda": 0.05, "regularizer": "coupled"},
+        },
+        sparsity={"method": "dense"},
+        sched={"milestones": [0.5, 0.75]},
+    )
+    run_config(cfg)
+    train = records(out, "train")
+    assert all({"zero_groups", "zero_groups_weighted", "groups"} <= set(r) for r in train)
+    assert train[-1]["zero_groups"] > 0  # a strong lambda zeroes whole coupled channel groups
+    assert [r["lr"] for r in train][5:7] == [pytest.approx(0.5), pytest.approx(0.05)]  # stage 2 from step 6
+    bad = tiny_config(tiny_data, tmp_path / "bad", optim={"opt": "rmda", "weight_decay": 5e-4})
+    with pytest.raises(ValueError, match="takes no weight decay"):
+        run_config(bad)

@@ -104,6 +104,14 @@ def preflight(cfg: TrainConfig) -> tuple[Path | None, Any]:
             k: v for k, v in vars(cfg.sparsity).items() if k not in ("stop_fraction", "seed", "method")
         }
         SparsityConfig.resolve(cfg.sparsity.method, total_steps=1, **options)  # raises on bad values
+    if cfg.optim.opt.lower() in ("rmda", "proxsgd") and cfg.optim.weight_decay:
+        raise ValueError(
+            f"optim.opt={cfg.optim.opt} takes no weight decay (its weight_lambda regularises): set optim.weight_decay 0"
+        )
+    if cfg.optim.opt.lower() == "rmda" and cfg.sched.name.lower() not in ("multistep", "none"):
+        raise ValueError(
+            f"optim.opt=rmda follows the paper's stage schedule: sched.name multistep (or none), got {cfg.sched.name!r}"
+        )
     if cfg.averaging.enabled:
         from ..averaging import validate_averaging_options
 
@@ -254,14 +262,31 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             loaders[name] = make_loader(
                 dataset, cfg.data.eval_batch_size, train=False, seed=seed, num_workers=cfg.data.num_workers
             )
+    if cfg.averaging.enabled and cfg.averaging.bn_update_batches:
+        # BatchNorm re-estimation after a weight-averaging write-back: training images, no augmentation
+        bn_set = ImageClassificationDataset(
+            splits.train, splits.image_column, splits.label_column, eval_tf, mode
+        )
+        loaders["bn"] = make_loader(
+            bn_set, cfg.data.batch_size, train=False, seed=seed, num_workers=cfg.data.num_workers
+        )
 
+    opt_kwargs = dict(cfg.optim.kwargs)
+    if (
+        opt_kwargs.get("regularizer") == "coupled"
+    ):  # group LASSO over torch-pruning's removable channel groups
+        from ..structured import GroupLasso
+
+        opt_kwargs["regularizer"] = GroupLasso.coupled(
+            model, torch.zeros(1, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
+        )
     optimizer = create_optimizer_v2(
         model,
         cfg.optim.opt,
         lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay,
         momentum=cfg.optim.momentum,
-        **cfg.optim.kwargs,
+        **opt_kwargs,
     )
     names = list(loaders)
     prepared = accelerator.prepare(model, optimizer, *[loaders[n] for n in names])
@@ -271,8 +296,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.gradient_accumulation_steps)
     total_steps = cfg.train.epochs * steps_per_epoch
 
-    scheduler = None
-    if cfg.sched.name.lower() != "none":
+    scheduler = stages = None
+    if cfg.optim.opt.lower() == "rmda":
+        if cfg.sched.name.lower() == "multistep":  # the paper's stages: lr x decay, c / decay, restart
+            from ..structured import RMDAStages
+
+            milestones = [max(1, round(m * total_steps)) for m in cfg.sched.milestones]
+            stages = RMDAStages(optimizer.optimizer, milestones, gamma=cfg.sched.decay_rate)
+    elif cfg.sched.name.lower() != "none":
         scheduler, _ = create_scheduler_v2(
             optimizer.optimizer,
             sched=cfg.sched.name,
@@ -307,7 +338,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         )
     averager = None
     if cfg.averaging.enabled:
-        from ..averaging import PeriodicWeightAveraging
+        from ..averaging import PeriodicWeightAveraging, update_bn
 
         averager = PeriodicWeightAveraging(
             accelerator.unwrap_model(model),
@@ -325,6 +356,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         stateful["sparsifier"] = sparsifier
     if averager is not None:
         stateful["averaging"] = averager
+    if stages is not None:
+        stateful["rmda_stages"] = stages
     register_state_hooks(accelerator, stateful)
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
@@ -374,6 +407,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         save_checkpoint(accelerator, output, state.step, config_dict, cfg.run.keep_checkpoints)
 
     seen_update = sparsifier.last_update if sparsifier is not None else None
+    seen_writeback = averager.last_writeback if averager is not None else None
     model.train()
     start_epoch = state.epoch
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -401,11 +435,17 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             progress.update(1)
             if scheduler is not None:
                 scheduler.step_update(num_updates=state.step)
-            if averager is not None and averager.last_writeback_step == state.step:
-                averager.finish_writeback(train_loader, accelerator, cfg.averaging.bn_update_batches)
-                log.write(
-                    {"event": "averaging", "step": state.step, "epoch": epoch, **averager.last_writeback}
-                )
+            if stages is not None:
+                stages.step()
+            if averager is not None and averager.last_writeback is not seen_writeback:
+                seen_writeback = averager.last_writeback
+                record = {"event": "averaging", "step": state.step, "epoch": epoch, **seen_writeback}
+                if seen_writeback["wrote_back"] and cfg.averaging.bn_update_batches:
+                    # the averaged weights need BatchNorm statistics of their own
+                    record["bn_batches"] = update_bn(
+                        accelerator.unwrap_model(model), loaders["bn"], cfg.averaging.bn_update_batches
+                    )
+                log.write(record)
             if sparsifier is not None and sparsifier.last_update is not seen_update:
                 seen_update = sparsifier.last_update
                 update = {k: v for k, v in seen_update.items() if k != "layers"}
@@ -436,6 +476,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 }
                 if sparsifier is not None:
                     record |= {"density": sparsifier.density, "itop_rate": sparsifier.itop_rate}
+                if getattr(optimizer.optimizer, "regularizer", None) is not None:  # RMDA / ProxSGD
+                    record |= optimizer.optimizer.group_sparsity()
                 log.write(record)
                 if cfg.run.tensorboard:
                     accelerator.log(

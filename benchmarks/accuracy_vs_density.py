@@ -1,0 +1,210 @@
+"""Accuracy vs density on Fashion-MNIST (timm resnet18, 1 channel): dense vs static, SET, RigL and
+RigL-ITOP (ITOP's ``unfired`` regrowth) at several densities, several seeds, with R_s.
+
+Protocol (issue 7): 10 epochs, batch 128, SGD lr 0.1 / Nesterov 0.9 / wd 5e-4, lr x0.1 at 1/2 and 3/4,
+random-crop (pad 2) + flip augmentation, ERK densities, cosine prune rate from 0.5, ΔT = --update-interval.
+Every run goes through ``recipes/train.py`` in its own process.
+
+    uv run python benchmarks/accuracy_vs_density.py                        # the table in BENCHMARKS.md
+    uv run python benchmarks/accuracy_vs_density.py --train-samples 3000   # `make bench` budget
+    uv run python benchmarks/accuracy_vs_density.py --quick                # smoke run (minutes)
+
+Writes benchmarks/results/accuracy_vs_density[_quick].json and PNG plots (accuracy vs density, R_s vs step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+from _common import RESULTS, RUNS, fashion_mnist_config, machine, mean_std, run_recipe, write_json
+
+METHOD_LABELS = {"static": "Static", "set": "SET", "rigl": "RigL", "unfired": "RigL-ITOP (unfired)"}
+
+
+def plot(results: dict, out_prefix: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    dense = [r["test_top1"] for r in results["runs"] if r["method"] == "dense"]
+    if dense:
+        m, s = mean_std(dense)
+        ax.axhspan(m - s, m + s, color="grey", alpha=0.2)
+        ax.axhline(m, color="grey", linestyle="--", label=f"dense {m:.2f}")
+    for method in results["methods"]:
+        xs, ys, es = [], [], []
+        for d in sorted(results["densities"]):
+            accs = [r["test_top1"] for r in results["runs"] if r["method"] == method and r["density"] == d]
+            if accs:
+                m, s = mean_std(accs)
+                xs.append(d)
+                ys.append(m)
+                es.append(s)
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=METHOD_LABELS.get(method, method))
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(results["densities"]))
+    ax.set_xticklabels([str(d) for d in sorted(results["densities"])])
+    ax.set_xlabel("density (fraction of conv/linear weights kept)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("Fashion-MNIST, timm resnet18: accuracy vs density")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = RESULTS / f"{out_prefix}_accuracy.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(str(path))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    d0 = max(results["densities"])
+    for method in results["methods"]:
+        runs = [r for r in results["runs"] if r["method"] == method and r["density"] == d0]
+        if runs:
+            history = runs[0]["itop_history"]
+            ax.plot(
+                [h["step"] for h in history],
+                [h["itop_rate"] for h in history],
+                marker=".",
+                label=METHOD_LABELS.get(method, method),
+            )
+    ax.axhline(d0, color="grey", linestyle="--", label=f"density {d0}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("R_s")
+    ax.set_title(f"R_s vs step at density {d0} (seed {runs[0]['seed'] if runs else 0})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = RESULTS / f"{out_prefix}_itop_rate.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(str(path))
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.05, 0.02])
+    parser.add_argument("--methods", nargs="+", default=["static", "set", "rigl", "unfired"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument(
+        "--train-samples", type=int, default=10000, help="subsample of the 60k training images (0: all)"
+    )
+    parser.add_argument("--update-interval", type=int, default=25, help="ΔT in optimizer steps")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 seed, 2 epochs, 512 images, 2 methods"
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.densities, args.methods, args.seeds, args.epochs, args.train_samples = (
+            [0.1],
+            ["static", "rigl"],
+            [0],
+            2,
+            512,
+        )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    tag = "accuracy_vs_density" + ("_quick" if args.quick else "")
+    samples = args.train_samples or None
+    plan = [("dense", 1.0, s) for s in args.seeds] + [
+        (m, d, s) for d in args.densities for m in args.methods for s in args.seeds
+    ]
+    runs = []
+    start = time.time()
+    for i, (method, density, seed) in enumerate(plan, 1):
+        out = RUNS / tag / f"{method}_d{density}_s{seed}"
+        cfg = fashion_mnist_config(
+            out,
+            epochs=args.epochs,
+            train_samples=samples,
+            seed=seed,
+            method=method,
+            density=density,
+            update_interval=args.update_interval,
+        )
+        summary = run_recipe(cfg)
+        history = [{"step": 0, "itop_rate": summary.get("density", 1.0)}] + [
+            {"step": r["step"], "itop_rate": r["itop_rate"]}
+            for r in summary["metrics"]
+            if r.get("event") == "topology_update" and "itop_rate" in r
+        ]
+        runs.append(
+            {
+                "method": method,
+                "density": density,
+                "seed": seed,
+                "test_top1": summary["test_top1_last"],
+                "test_top5": summary["test_top5_last"],
+                "realised_density": summary.get("density", 1.0),
+                "itop_rate": summary.get("itop_rate", 1.0),
+                "wall_time_s": summary["wall_time_s"],
+                "total_steps": summary["total_steps"],
+                "itop_history": history,
+            }
+        )
+        logging.info(
+            "[%d/%d] %s d=%s seed=%d: top-1 %.2f R_s %.3f (%.0f s)",
+            i,
+            len(plan),
+            method,
+            density,
+            seed,
+            runs[-1]["test_top1"],
+            runs[-1]["itop_rate"],
+            runs[-1]["wall_time_s"],
+        )
+    results = {
+        "benchmark": "accuracy_vs_density",
+        "machine": machine(),
+        "settings": vars(args),
+        "command": "uv run python benchmarks/accuracy_vs_density.py"
+        + (
+            " --quick"
+            if args.quick
+            else f" --train-samples {args.train_samples} --epochs {args.epochs} --update-interval {args.update_interval}"
+        ),
+        "wall_time_s": time.time() - start,
+        "methods": args.methods,
+        "densities": args.densities,
+        "runs": runs,
+    }
+    dense = [r["test_top1"] for r in runs if r["method"] == "dense"]
+    table = []
+    for d in args.densities:
+        for m in args.methods:
+            sel = [r for r in runs if r["method"] == m and r["density"] == d]
+            acc_m, acc_s = mean_std([r["test_top1"] for r in sel])
+            rs_m, rs_s = mean_std([r["itop_rate"] for r in sel])
+            table.append(
+                {
+                    "method": m,
+                    "density": d,
+                    "top1_mean": acc_m,
+                    "top1_std": acc_s,
+                    "gap_to_dense": acc_m - mean_std(dense)[0],
+                    "itop_rate_mean": rs_m,
+                    "itop_rate_std": rs_s,
+                }
+            )
+    results["dense_top1"] = dict(zip(("mean", "std"), mean_std(dense), strict=True))
+    results["table"] = table
+    results["plots"] = plot(results, tag)
+    path = write_json(f"{tag}.json", results)
+    print(f"dense: {results['dense_top1']['mean']:.2f} ± {results['dense_top1']['std']:.2f}")
+    print(f"{'method':22s} {'density':>8s} {'top-1':>14s} {'gap':>7s} {'R_s':>14s}")
+    for row in table:
+        print(
+            f"{METHOD_LABELS.get(row['method'], row['method']):22s} {row['density']:8.3f} {row['top1_mean']:7.2f} ± {row['top1_std']:4.2f} {row['gap_to_dense']:+7.2f} {row['itop_rate_mean']:7.3f} ± {row['itop_rate_std']:.3f}"
+        )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
