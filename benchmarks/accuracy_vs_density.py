@@ -98,6 +98,7 @@ def main() -> None:
         "--train-samples", type=int, default=10000, help="subsample of the 60k training images (0: all)"
     )
     parser.add_argument("--update-interval", type=int, default=25, help="ΔT in optimizer steps")
+    parser.add_argument("--eval-samples", type=int, default=0, help="test images used (0: all 10k)")
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 1 seed, 2 epochs, 512 images, 2 methods"
     )
@@ -110,6 +111,7 @@ def main() -> None:
             2,
             512,
         )
+        args.update_interval, args.eval_samples = 2, 500
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     tag = "accuracy_vs_density" + ("_quick" if args.quick else "")
     samples = args.train_samples or None
@@ -128,6 +130,7 @@ def main() -> None:
             method=method,
             density=density,
             update_interval=args.update_interval,
+            eval_samples=args.eval_samples or None,
         )
         summary = run_recipe(cfg)
         history = [{"step": 0, "itop_rate": summary.get("density", 1.0)}] + [
@@ -169,6 +172,7 @@ def main() -> None:
             " --quick"
             if args.quick
             else f" --train-samples {args.train_samples} --epochs {args.epochs} --update-interval {args.update_interval}"
+            + (f" --eval-samples {args.eval_samples}" if args.eval_samples else "")
         ),
         "wall_time_s": time.time() - start,
         "methods": args.methods,

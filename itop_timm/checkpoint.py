@@ -337,7 +337,7 @@ def save_sparse(
         )
         (tmp / WEIGHTS_FILE).unlink()
         sparsity_blob = None
-        if masks or compact:
+        if masks or compact or history is not None:
             sparsity: dict[str, torch.Tensor] = {f"{_MASK}{n}": pack_mask(m) for n, m in masks.items()}
             if meta["has_union"]:
                 sparsity |= {f"{_UNION}{n}": pack_mask(union[n]) for n in masks}

@@ -371,7 +371,7 @@ def test_weight_averaging_in_the_recipe(tiny_data, tmp_path):
         run_config(bad)
 
 
-def test_rmda_in_the_recipe_logs_structured_sparsity(tiny_data, tmp_path):
+def test_rmda_in_the_recipe_logs_structured_sparsity_and_compacts(tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
     cfg = tiny_config(
         tiny_data,
@@ -379,18 +379,34 @@ def test_rmda_in_the_recipe_logs_structured_sparsity(tiny_data, tmp_path):
         optim={
             "opt": "rmda",
             "lr": 0.5,
-            "momentum": 0.01,
+            "momentum": 1.0,  # c = 1: the iterate is the (exactly sparse) prox point
             "weight_decay": 0.0,
             "kwargs": {"weight_lambda": 0.05, "regularizer": "coupled"},
         },
         sparsity={"method": "dense"},
-        sched={"milestones": [0.5, 0.75]},
+        sched={"milestones": [0.75]},
     )
     run_config(cfg)
     train = records(out, "train")
     assert all({"zero_groups", "zero_groups_weighted", "groups"} <= set(r) for r in train)
     assert train[-1]["zero_groups"] > 0  # a strong lambda zeroes whole coupled channel groups
-    assert [r["lr"] for r in train][5:7] == [pytest.approx(0.5), pytest.approx(0.05)]  # stage 2 from step 6
+    assert [r["lr"] for r in train][7:10] == [
+        pytest.approx(0.5),
+        pytest.approx(0.05),
+        pytest.approx(0.05),
+    ]  # stage 2 at step 9
+    # the zeroed groups come out for real
+    from itop_timm import cli
+
+    assert cli.main(["compact", str(out / "model"), str(tmp_path / "small")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["params_after"] < report["params_before"]
+    big, _, _ = load_sparse(out / "model")
+    small, _, meta = load_sparse(tmp_path / "small")
+    assert "structured" in meta
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(big(x), small(x), atol=1e-5)
     bad = tiny_config(tiny_data, tmp_path / "bad", optim={"opt": "rmda", "weight_decay": 5e-4})
     with pytest.raises(ValueError, match="takes no weight decay"):
         run_config(bad)

@@ -1,7 +1,10 @@
 """Structured sparsity: the RMDA optimizer (and ProxSGD), group-LASSO / L1 proximal regularisers,
-torch-pruning coupled channel groups, and compaction of zeroed channels into a smaller dense model."""
+torch-pruning coupled channel groups, compaction of zeroed channels into a smaller dense model, and a
+torch-pruning importance that ranks channels by ITOP masks."""
 
-from .groups import ChannelGroup, ChannelSlice
+from .compact import compact, compact_checkpoint, rebuild_compacted
+from .groups import ChannelGroup, ChannelSlice, coupled_channel_groups
+from .importance import MaskImportance
 from .prox import L1, GroupLasso, Regularizer, create_regularizer, group_sparsity
 from .rmda import RMDA, ProxSGD, RMDAStages
 
@@ -16,4 +19,9 @@ __all__ = [
     "group_sparsity",
     "ChannelGroup",
     "ChannelSlice",
+    "coupled_channel_groups",
+    "compact",
+    "compact_checkpoint",
+    "rebuild_compacted",
+    "MaskImportance",
 ]

@@ -1,0 +1,28 @@
+# Benchmarks (CPU). Results: benchmarks/results/*.json + *.png; tables: BENCHMARKS.md.
+# `make bench` fits in about an hour on 2 cores; `make bench-full` is the protocol behind BENCHMARKS.md
+# (hours); `make bench-quick` is a smoke run of every script (minutes).
+PY := python3 -m uv run --locked python
+
+.PHONY: bench bench-quick bench-full test
+
+test:
+	python3 -m uv run --locked pytest
+
+bench:
+	$(PY) benchmarks/step_overhead.py --models resnet18 resnet50 vit_small_patch16_224 --memory
+	$(PY) benchmarks/checkpoint_sizes.py
+	$(PY) benchmarks/scaling.py
+	$(PY) benchmarks/accuracy_vs_density.py --train-samples 2000 --eval-samples 5000 --update-interval 10
+
+bench-full: bench
+	$(PY) benchmarks/accuracy_vs_density.py --train-samples 10000 --update-interval 25
+	$(PY) benchmarks/averaging.py
+	$(PY) benchmarks/structured.py
+
+bench-quick:
+	$(PY) benchmarks/step_overhead.py --quick --models resnet18 --memory
+	$(PY) benchmarks/checkpoint_sizes.py --quick
+	$(PY) benchmarks/scaling.py --quick
+	$(PY) benchmarks/accuracy_vs_density.py --quick
+	$(PY) benchmarks/averaging.py --quick
+	$(PY) benchmarks/structured.py --quick

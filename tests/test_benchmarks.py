@@ -1,0 +1,100 @@
+"""The benchmark scripts' --quick modes run end to end (on tiny synthetic Fashion-MNIST IDX files, with
+results redirected to a temporary folder). Timings are never asserted here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_idx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench_env(tmp_path_factory):
+    idx = tmp_path_factory.mktemp("fashion_idx")
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", 600), ("t10k", 200)):
+        write_idx(
+            idx / f"{prefix}-images-idx3-ubyte.gz", torch.randint(0, 255, (n, 28, 28), generator=g).numpy()
+        )
+        write_idx(idx / f"{prefix}-labels-idx1-ubyte.gz", (torch.arange(n) % 10).numpy())
+    results = tmp_path_factory.mktemp("bench_results")
+    env = dict(
+        os.environ,
+        ITOP_TIMM_FASHION_MNIST_DIR=str(idx),
+        ITOP_TIMM_BENCH_RESULTS=str(results),
+        PYTHONPATH=str(ROOT),
+    )
+    return env, results
+
+
+def run_script(name: str, env: dict, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_step_overhead_quick(bench_env):
+    env, results = bench_env
+    out = run_script("step_overhead.py", env, "--quick", "--models", "resnet18", "--memory")
+    data = json.loads((results / "step_overhead_cpu_32px_quick.json").read_text())
+    r = data["results"][0]
+    assert r["model"] == "resnet18" and r["extra_state_bytes_per_sparse_param"] == 2.0
+    assert r["step_ratio"] > 0 and r["update_in_dense_steps"] > 0 and r["peak_rss_sparse_MB"] > 0
+    assert "sparse/dense" in out
+
+
+def test_checkpoint_sizes_quick(bench_env):
+    env, results = bench_env
+    run_script("checkpoint_sizes.py", env, "--quick")
+    row = json.loads((results / "checkpoint_sizes_quick.json").read_text())["results"][0]
+    assert row["sparsity"] == 0.9 and row["compact_ratio"] <= 0.15 < row["compact_with_union_ratio"] + 0.15
+
+
+def test_accuracy_vs_density_quick(bench_env):
+    env, results = bench_env
+    run_script("accuracy_vs_density.py", env, "--quick")
+    data = json.loads((results / "accuracy_vs_density_quick.json").read_text())
+    assert {r["method"] for r in data["runs"]} == {"dense", "static", "rigl"}
+    rigl = next(r for r in data["runs"] if r["method"] == "rigl")
+    assert rigl["itop_rate"] > rigl["realised_density"]  # updates happened
+    assert all(Path(p).stat().st_size > 1000 for p in data["plots"])
+
+
+@pytest.mark.slow
+def test_scaling_quick(bench_env):
+    env, results = bench_env
+    run_script("scaling.py", env, "--quick")
+    data = json.loads((results / "scaling_quick.json").read_text())
+    assert (
+        data["results"]["2"]["ranks_agreed_at_every_update"] and data["results"]["2"]["topology_updates"] > 0
+    )
+
+
+@pytest.mark.slow
+def test_averaging_quick(bench_env):
+    env, results = bench_env
+    run_script("averaging.py", env, "--quick")
+    data = json.loads((results / "averaging_quick.json").read_text())
+    assert len(data["table"]) == 4 and all(len(r["per_epoch_top1"]) == 2 for r in data["runs"])
+
+
+@pytest.mark.slow
+def test_structured_quick(bench_env):
+    env, results = bench_env
+    run_script("structured.py", env, "--quick")
+    data = json.loads((results / "structured_quick.json").read_text())
+    assert data["rows"] and all("latency_ratio_b1" in r for r in data["rows"])
