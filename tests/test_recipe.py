@@ -410,3 +410,35 @@ def test_rmda_in_the_recipe_logs_structured_sparsity_and_compacts(tiny_data, tmp
     bad = tiny_config(tiny_data, tmp_path / "bad", optim={"opt": "rmda", "weight_decay": 5e-4})
     with pytest.raises(ValueError, match="takes no weight decay"):
         run_config(bad)
+
+
+def test_tensorboard_tracker_writes_events(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    run_config(tiny_config(tiny_data, out, train={"epochs": 1}, run={"tensorboard": True}))
+    events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_itop_timm_cli_train_and_methods(tiny_data, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "run", train={"epochs": 1})))
+    cmd = [sys.executable, "-m", "itop_timm.cli"]
+    result = subprocess.run(
+        [*cmd, "train", "--config", str(config)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["total_steps"] == 6
+    listing = subprocess.run(
+        [*cmd, "methods"], env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
+    assert listing.returncode == 0 and "rigl" in listing.stdout and "erk" in listing.stdout
+    assert (
+        subprocess.run(
+            [*cmd, "--help"], env=subprocess_env(), capture_output=True, text=True, timeout=300
+        ).returncode
+        == 0
+    )

@@ -211,12 +211,117 @@ def _check_masks_identical(sparsifier: Sparsifier, step: int) -> int:
     return values[0]
 
 
+def _build_loaders(
+    cfg: TrainConfig, splits: Any, model: torch.nn.Module
+) -> tuple[ImageClassificationDataset, dict[str, Any]]:
+    """The training set (its augmentation is seeded per epoch) and the train/val/test(/bn) DataLoaders."""
+    train_tf, eval_tf = build_transforms(cfg.data, cfg.model, model)
+    mode = "L" if cfg.model.in_chans == 1 else "RGB"
+    seed, workers = cfg.train.seed, cfg.data.num_workers
+
+    def dataset(split: Any, transform: Any, augment_seed: int | None = None) -> ImageClassificationDataset:
+        return ImageClassificationDataset(
+            split, splits.image_column, splits.label_column, transform, mode, seed=augment_seed
+        )
+
+    train_set = dataset(splits.train, train_tf, seed)
+    loaders = {
+        "train": make_loader(train_set, cfg.data.batch_size, train=True, seed=seed, num_workers=workers)
+    }
+    for name in ("val", "test"):
+        split = getattr(splits, name)
+        if split is not None:
+            loaders[name] = make_loader(
+                dataset(split, eval_tf), cfg.data.eval_batch_size, train=False, seed=seed, num_workers=workers
+            )
+    if cfg.averaging.enabled and cfg.averaging.bn_update_batches:
+        # BatchNorm re-estimation after a weight-averaging write-back: training images, no augmentation
+        loaders["bn"] = make_loader(
+            dataset(splits.train, eval_tf), cfg.data.batch_size, train=False, seed=seed, num_workers=workers
+        )
+    return train_set, loaders
+
+
+def _build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """timm's ``create_optimizer_v2``; ``regularizer: coupled`` becomes a group LASSO over torch-pruning's
+    removable channel groups (RMDA / ProxSGD)."""
+    from timm.optim import create_optimizer_v2
+
+    kwargs = dict(cfg.optim.kwargs)
+    if kwargs.get("regularizer") == "coupled":
+        from ..structured import GroupLasso
+
+        example = torch.zeros(1, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
+        kwargs["regularizer"] = GroupLasso.coupled(model, example)
+    return create_optimizer_v2(
+        model,
+        cfg.optim.opt,
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        momentum=cfg.optim.momentum,
+        **kwargs,
+    )
+
+
+def _build_lr_schedule(
+    cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total_steps: int
+) -> tuple[Any, Any]:
+    """(timm scheduler stepped per optimizer step, or RMDA's milestone stages), either may be None."""
+    from timm.scheduler import create_scheduler_v2
+
+    name = cfg.sched.name.lower()
+    if cfg.optim.opt.lower() == "rmda":
+        if name != "multistep":
+            return None, None
+        from ..structured import RMDAStages  # the paper's stages: lr x decay, c / decay, restart
+
+        milestones = [max(1, round(m * total_steps)) for m in cfg.sched.milestones]
+        return None, RMDAStages(optimizer, milestones, gamma=cfg.sched.decay_rate)
+    if name == "none":
+        return None, None
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=cfg.sched.name,
+        num_epochs=cfg.train.epochs,
+        decay_milestones=[m * cfg.train.epochs for m in cfg.sched.milestones],
+        decay_rate=cfg.sched.decay_rate,
+        warmup_epochs=cfg.sched.warmup_epochs,
+        warmup_lr=cfg.sched.warmup_lr,
+        min_lr=cfg.sched.min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
+    )
+    return scheduler, None
+
+
+def _build_sparsifier(
+    cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, total_steps: int
+) -> Sparsifier | None:
+    if cfg.dense:
+        return None
+    s = cfg.sparsity
+    return sparsify(
+        model,
+        optimizer,
+        method=s.method,
+        density=s.density,
+        distribution=s.distribution,
+        update_interval=s.update_interval,
+        prune_rate=s.prune_rate,
+        final_prune_rate=s.final_prune_rate,
+        prune_schedule=s.prune_schedule,
+        total_steps=total_steps,
+        stop_step=None if s.stop_fraction is None else int(s.stop_fraction * total_steps),
+        seed=cfg.train.seed if s.seed is None else s.seed,
+        include=s.include,
+        exclude=s.exclude,
+    )
+
+
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train as configured; returns the summary (also written to ``<output_dir>/summary.json``)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
     from tqdm.auto import tqdm
 
     resume_dir, splits = preflight(cfg)
@@ -242,52 +347,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     num_classes = cfg.model.num_classes or splits.num_classes
     model = create_model(cfg, num_classes)
-    train_tf, eval_tf = build_transforms(cfg.data, cfg.model, model)
-    mode = "L" if cfg.model.in_chans == 1 else "RGB"
-    seed = cfg.train.seed
-    train_set = ImageClassificationDataset(
-        splits.train, splits.image_column, splits.label_column, train_tf, mode, seed=seed
-    )
-    loaders = {
-        "train": make_loader(
-            train_set, cfg.data.batch_size, train=True, seed=seed, num_workers=cfg.data.num_workers
-        )
-    }
-    for name in ("val", "test"):
-        split = getattr(splits, name)
-        if split is not None:
-            dataset = ImageClassificationDataset(
-                split, splits.image_column, splits.label_column, eval_tf, mode
-            )
-            loaders[name] = make_loader(
-                dataset, cfg.data.eval_batch_size, train=False, seed=seed, num_workers=cfg.data.num_workers
-            )
-    if cfg.averaging.enabled and cfg.averaging.bn_update_batches:
-        # BatchNorm re-estimation after a weight-averaging write-back: training images, no augmentation
-        bn_set = ImageClassificationDataset(
-            splits.train, splits.image_column, splits.label_column, eval_tf, mode
-        )
-        loaders["bn"] = make_loader(
-            bn_set, cfg.data.batch_size, train=False, seed=seed, num_workers=cfg.data.num_workers
-        )
-
-    opt_kwargs = dict(cfg.optim.kwargs)
-    if (
-        opt_kwargs.get("regularizer") == "coupled"
-    ):  # group LASSO over torch-pruning's removable channel groups
-        from ..structured import GroupLasso
-
-        opt_kwargs["regularizer"] = GroupLasso.coupled(
-            model, torch.zeros(1, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
-        )
-    optimizer = create_optimizer_v2(
-        model,
-        cfg.optim.opt,
-        lr=cfg.optim.lr,
-        weight_decay=cfg.optim.weight_decay,
-        momentum=cfg.optim.momentum,
-        **opt_kwargs,
-    )
+    train_set, loaders = _build_loaders(cfg, splits, model)
+    optimizer = _build_optimizer(cfg, model)
     names = list(loaders)
     prepared = accelerator.prepare(model, optimizer, *[loaders[n] for n in names])
     model, optimizer = prepared[0], prepared[1]
@@ -295,47 +356,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     train_loader = loaders["train"]
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.gradient_accumulation_steps)
     total_steps = cfg.train.epochs * steps_per_epoch
-
-    scheduler = stages = None
-    if cfg.optim.opt.lower() == "rmda":
-        if cfg.sched.name.lower() == "multistep":  # the paper's stages: lr x decay, c / decay, restart
-            from ..structured import RMDAStages
-
-            milestones = [max(1, round(m * total_steps)) for m in cfg.sched.milestones]
-            stages = RMDAStages(optimizer.optimizer, milestones, gamma=cfg.sched.decay_rate)
-    elif cfg.sched.name.lower() != "none":
-        scheduler, _ = create_scheduler_v2(
-            optimizer.optimizer,
-            sched=cfg.sched.name,
-            num_epochs=cfg.train.epochs,
-            decay_milestones=[m * cfg.train.epochs for m in cfg.sched.milestones],
-            decay_rate=cfg.sched.decay_rate,
-            warmup_epochs=cfg.sched.warmup_epochs,
-            warmup_lr=cfg.sched.warmup_lr,
-            min_lr=cfg.sched.min_lr,
-            step_on_epochs=False,
-            updates_per_epoch=steps_per_epoch,
-        )
-
-    sparsifier: Sparsifier | None = None
-    if not cfg.dense:
-        s = cfg.sparsity
-        sparsifier = sparsify(
-            accelerator.unwrap_model(model),
-            optimizer,
-            method=s.method,
-            density=s.density,
-            distribution=s.distribution,
-            update_interval=s.update_interval,
-            prune_rate=s.prune_rate,
-            final_prune_rate=s.final_prune_rate,
-            prune_schedule=s.prune_schedule,
-            total_steps=total_steps,
-            stop_step=None if s.stop_fraction is None else int(s.stop_fraction * total_steps),
-            seed=seed if s.seed is None else s.seed,
-            include=s.include,
-            exclude=s.exclude,
-        )
+    scheduler, stages = _build_lr_schedule(cfg, optimizer.optimizer, steps_per_epoch, total_steps)
+    sparsifier = _build_sparsifier(cfg, accelerator.unwrap_model(model), optimizer, total_steps)
     averager = None
     if cfg.averaging.enabled:
         from ..averaging import PeriodicWeightAveraging, update_bn
@@ -347,7 +369,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             sample_prob=cfg.averaging.sample_prob,
             last_fraction=cfg.averaging.last_fraction,
             sparsifier=sparsifier,
-            seed=seed,
+            seed=cfg.train.seed,
         )
 
     state = TrainState()
