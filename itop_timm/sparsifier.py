@@ -18,6 +18,7 @@ every update, so every rank holds identical masks.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Mapping
@@ -198,6 +199,9 @@ class Sparsifier:
             initial = _validated_masks(masks, shapes)
             counts = {name: int(m.sum()) for name, m in initial.items()}
             self.target_densities = {name: counts[name] / m.numel() for name, m in initial.items()}
+            # the given masks define the density (the `density` argument is not used)
+            realised = sum(counts.values()) / sum(m.numel() for m in initial.values())
+            self.config = config = dataclasses.replace(config, density=realised)
         else:
             self.target_densities = compute_layer_densities(shapes, config.density, config.distribution)
             counts = active_counts(shapes, self.target_densities)

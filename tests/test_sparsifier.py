@@ -523,3 +523,13 @@ def test_registered_third_party_method_end_to_end():
             register_method(MethodInfo("taylor", drop, grow))
     finally:
         METHODS.unregister("taylor")
+
+
+def test_given_masks_define_the_recorded_density():
+    model = tiny_cnn()
+    shapes = itop_timm.sparse_parameter_shapes(model)
+    masks = {n: torch.zeros(s, dtype=torch.bool) for n, s in shapes.items()}
+    for m in masks.values():
+        m.view(-1)[: m.numel() // 4] = True
+    sp = sparsify(model, sgd(model), method="set", density=0.9, masks=masks, total_steps=10)
+    assert sp.config.density == pytest.approx(sp.density) and sp.density == pytest.approx(0.25, abs=0.01)

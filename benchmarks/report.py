@@ -1,0 +1,202 @@
+"""Render the tables of BENCHMARKS.md from benchmarks/results/*.json.
+
+Each table sits between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` markers in BENCHMARKS.md and is
+rewritten from the matching result file; the prose around it is left alone.
+
+    uv run python benchmarks/report.py            # rewrite the tables in BENCHMARKS.md
+    uv run python benchmarks/report.py --check    # exit 1 if BENCHMARKS.md is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+
+from _common import RESULTS, ROOT
+
+LABELS = {"static": "Static", "set": "SET", "rigl": "RigL", "unfired": "RigL-ITOP (unfired)"}
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _machine(data: dict) -> str:
+    m = data["machine"]
+    return f"*Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), timm {m['timm']}.*"
+
+
+def overhead() -> str:
+    parts = []
+    for name in ("step_overhead_cpu_224px.json",):
+        data = _load(name)
+        if not data:
+            continue
+        s = data["settings"]
+        rows = [
+            "| model | params | dense step | sparse / dense | A/A control | one update (dense steps) | extra state (B / sparse param) | peak RSS sparse / dense | peak extra (B / sparse param) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in data["results"]:
+            rows.append(
+                f"| {r['model']} | {r['params_M']:.1f} M | {r['dense_step_s'] * 1e3:.0f} ms | **{r['step_ratio']:.3f}** | {r.get('control_ratio', float('nan')):.3f} | "
+                f"**{r['update_in_dense_steps']:.2f}** | {r['extra_state_bytes_per_sparse_param']:.1f} | "
+                f"{r.get('peak_rss_ratio', float('nan')):.3f} | {r.get('peak_extra_bytes_per_sparse_param', float('nan')):.1f} |"
+            )
+        parts.append(
+            f"Batch {s['batch_size']} at {s['img_size']} px, {s['method']} at density {s['density']}, SGD (Nesterov), "
+            f"median of {s['steps']} steps after {s['warmup']} warm-up, update = median of {s['updates']}.\n\n"
+            + "\n".join(rows)
+            + "\n\n"
+            + _machine(data)
+        )
+    return "\n\n".join(parts) or "*not run yet*"
+
+
+def accuracy() -> str:
+    data = _load("accuracy_vs_density.json")
+    if not data:
+        return "*not run yet*"
+    dense = data["dense_top1"]
+    rows = [
+        f"Dense: **{dense['mean']:.2f} ± {dense['std']:.2f}** (R_s 1). Command: `{data['command']}` "
+        f"({data['settings']['train_samples'] or 60000} training images, {data['settings']['epochs']} epochs, seeds {data['settings']['seeds']}, "
+        f"{data['wall_time_s'] / 3600:.1f} h in all).",
+        "",
+        "| method | density | test top-1 (mean ± std) | gap to dense | R_s (mean ± std) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in data["table"]:
+        rows.append(
+            f"| {LABELS.get(r['method'], r['method'])} | {r['density']} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} | "
+            f"{r['gap_to_dense']:+.2f} | {r['itop_rate_mean']:.3f} ± {r['itop_rate_std']:.3f} |"
+        )
+    return "\n".join(rows) + "\n\n" + _machine(data)
+
+
+def scaling() -> str:
+    data = _load("scaling.json")
+    if not data:
+        return "*not run yet*"
+    rows = [
+        "| processes | samples/s | optimizer steps | topology updates | masks identical on every rank at every update |",
+        "|---|---|---|---|---|",
+    ]
+    for p, r in data["results"].items():
+        rows.append(
+            f"| {p} | {r['samples_per_s']:.0f} | {r['total_steps']} | {r['topology_updates']} | {'yes' if r['ranks_agreed_at_every_update'] else 'NO'} |"
+        )
+    return (
+        "\n".join(rows)
+        + f"\n\nSpeed-up 2 vs 1 process: **{data['speedup_2_vs_1']:.2f}×** (efficiency {data['efficiency']:.0%}).\n\n"
+        + _machine(data)
+    )
+
+
+def checkpoints() -> str:
+    data = _load("checkpoint_sizes.json")
+    if not data:
+        return "*not run yet*"
+    rows = [
+        f"| {data['model']} sparsity | model.safetensors | dense folder | compact: weights + masks | compact + union | ratio (w+m / dense) | ratio with union | load dense | load compact |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["results"]:
+        rows.append(
+            f"| {r['sparsity']:.0%} | {r['dense_model_safetensors_MB']:.1f} MB | {r['dense_folder_MB']:.1f} MB | {r['compact_weights_and_masks_MB']:.1f} MB | "
+            f"{r['compact_with_union_MB']:.1f} MB | **{r['compact_ratio']:.3f}** | {r['compact_with_union_ratio']:.3f} | {r['load_dense_s']:.2f} s | {r['load_compact_s']:.2f} s |"
+        )
+    return "\n".join(rows) + "\n\n" + _machine(data)
+
+
+def averaging() -> str:
+    data = _load("averaging.json")
+    if not data:
+        return "*not run yet*"
+    rows = [
+        "| configuration | final test top-1 | volatility (std of per-epoch test top-1, last half) | train time |",
+        "|---|---|---|---|",
+    ]
+    for r in data["table"]:
+        rows.append(
+            f"| {r['config']} | {r['final_top1_mean']:.2f} ± {r['final_top1_std']:.2f} | {r['volatility_mean']:.3f} ± {r['volatility_std']:.3f} | {r['wall_time_s']:.0f} s |"
+        )
+    s = data["settings"]
+    return (
+        f"Command: `{data['command']}` — {s['train_samples']} training images, {s['epochs']} epochs, seeds {s['seeds']}, "
+        f"PWALKS q = {s['sample_prob']}, last {s['last_fraction']:.0%} of each epoch.\n\n"
+        + "\n".join(rows)
+        + "\n\n"
+        + _machine(data)
+    )
+
+
+def structured() -> str:
+    data = _load("structured.json")
+    if not data:
+        return "*not run yet*"
+    dense = data["rows"][0]
+    rows = [
+        "| model | test top-1 | Δ vs dense | same after compaction | zero groups (weighted) | params ratio | MACs ratio | latency b1 (compact/dense) | latency b64 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        zg = "–" if r["zero_groups"] is None else f"{r['zero_groups']:.3f} ({r['zero_groups_weighted']:.3f})"
+        same = (
+            "yes"
+            if abs(r["test_top1"] - r["test_top1_after_compaction"]) < 1e-9
+            else f"no ({r['test_top1_after_compaction']:.2f})"
+        )
+        rows.append(
+            f"| {r['model']} | {r['test_top1']:.2f} | {r['test_top1'] - dense['test_top1']:+.2f} | {same} | {zg} | {r['params_ratio']:.3f} | "
+            f"{r['macs_ratio']:.3f} | **{r['latency_ratio_b1']:.3f}** ({r['latency_b1_ms']:.1f} / {r['dense_latency_b1_ms']:.1f} ms) | "
+            f"**{r['latency_ratio_b64']:.3f}** ({r['latency_b64_ms']:.0f} / {r['dense_latency_b64_ms']:.0f} ms) |"
+        )
+    s = data["settings"]
+    return (
+        f"Command: `{data['command']}` — {s['train_samples']} training images, {s['epochs']} epochs, RMDA lr {s['rmda_lr']}.\n\n"
+        + "\n".join(rows)
+        + "\n\n"
+        + _machine(data)
+    )
+
+
+SECTIONS: dict[str, Callable[[], str]] = {
+    "overhead": overhead,
+    "accuracy": accuracy,
+    "scaling": scaling,
+    "checkpoints": checkpoints,
+    "averaging": averaging,
+    "structured": structured,
+}
+
+
+def render(text: str) -> str:
+    for name, fn in SECTIONS.items():
+        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(\n<!-- END {name} -->)", re.S)
+        body = fn()
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text()
+    new = render(text)
+    if args.check:
+        sys.exit(0 if new == text else 1)
+    path.write_text(new)
+    print(f"updated {path}")
+
+
+if __name__ == "__main__":
+    main()
