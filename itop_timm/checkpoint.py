@@ -567,7 +567,12 @@ def load_sparse(
     if "structured" in meta:
         from .structured.compact import rebuild_compacted
 
-        model = rebuild_compacted(model, meta["structured"])
+        try:
+            model = rebuild_compacted(model, meta["structured"])
+        except ValueError as err:
+            raise CheckpointError(
+                f"{folder / SPARSITY_FILE}: cannot rebuild the compacted architecture ({err})"
+            ) from err
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:

@@ -159,8 +159,10 @@ class Sparsifier:
     * ``itop_rate`` — R_s, fraction of sparse weights ever active; ``density`` — realised density;
     * ``layer_densities()`` — realised per-layer densities; ``target_densities`` — planned ones;
     * ``step`` — real optimizer steps seen; ``last_update`` — stats of the latest topology update;
-    * ``state_dict()`` / ``load_state_dict()`` — masks, union, step, RNG (exact resume; register the
-      sparsifier with ``accelerator.register_for_checkpointing``).
+    * ``state_dict()`` / ``load_state_dict()`` — masks, union, step, RNG (exact resume). With Accelerate,
+      ``itop_timm.training.checkpointing.register_state_hooks(accelerator, {"sparsifier": sp})`` makes
+      ``accelerator.save_state`` / ``load_state`` carry it as safetensors + JSON (``register_for_checkpointing``
+      works too, but Accelerate unpickles such objects with ``weights_only=False``).
     """
 
     def __init__(
