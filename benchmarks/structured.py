@@ -7,7 +7,7 @@ Reported: test top-1 (checked identical before/after compaction), fraction of ze
 size), params and MACs ratios (compacted / dense architecture) and the measured CPU inference latency
 ratio, compacted / dense, at batch 1 and 64, both timed in this process, interleaved, median of runs.
 
-    uv run python benchmarks/structured.py [--lambdas 2e-4 5e-4 1e-3] [--epochs 10] [--train-samples 10000] [--quick]
+    uv run python benchmarks/structured.py [--lambdas 0 5e-5 1e-4 2e-4] [--epochs 10] [--train-samples 10000] [--quick]
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--lambdas", type=float, nargs="+", default=[2e-4, 5e-4, 1e-3])
+    parser.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 5e-5, 1e-4, 2e-4])
     parser.add_argument("--rmda-lr", type=float, default=0.5)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--train-samples", type=int, default=10000)

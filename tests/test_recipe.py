@@ -442,3 +442,15 @@ def test_itop_timm_cli_train_and_methods(tiny_data, tmp_path):
         ).returncode
         == 0
     )
+
+
+def test_model_arguments_and_sparse_patterns_are_checked_first(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "run", model={"kwargs": {"no_such_argument": 3}})
+    with pytest.raises(ValueError, match="timm cannot build 'test_resnet'"):
+        run_config(cfg)
+    cfg = tiny_config(tiny_data, tmp_path / "run", sparsity={"include": ["nothing.*"]})
+    with pytest.raises(
+        ValueError, match=r"no sparse tensor in test_resnet matches sparsity.include=\['nothing.\*'\]"
+    ):
+        run_config(cfg)
+    assert_untouched(tmp_path / "run")

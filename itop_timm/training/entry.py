@@ -56,12 +56,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "train.py") -> dict[str,
     if args.print_config:
         sys.stdout.write(cfg.to_yaml())
         return None
-    from .loop import run
+    from .loop import InputError, run
 
     try:
         summary = run(cfg)
-    except ValueError as err:
-        # bad input found before training: a clear message, no traceback
+    except InputError as err:
+        # bad input found before training: a clear message, no traceback (other errors keep theirs)
         _logger.error("%s", err)
         raise SystemExit(2) from err
     from accelerate import PartialState

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import plots
+from ..densities import sparse_parameter_shapes
 from ..distributed import all_ranks_agree, masks_fingerprint
 from ..serialization import atomic_write_text
 from ..sparsifier import Sparsifier, SparsityConfig, sparsify
@@ -39,9 +40,13 @@ from .checkpointing import (
 from .config import TrainConfig, config_differences
 from .data import ImageClassificationDataset, build_transforms, load_splits, make_loader, resolve_data_config
 
-__all__ = ["run", "TrainState", "preflight", "create_model", "evaluate"]
+__all__ = ["run", "TrainState", "InputError", "preflight", "create_model", "evaluate"]
 
 _logger = logging.getLogger(__name__)
+
+
+class InputError(ValueError):
+    """Bad input (config, model name, data, resume folder) found before training started."""
 
 
 @dataclass
@@ -141,6 +146,18 @@ def preflight(cfg: TrainConfig) -> tuple[Path | None, Any]:
     if cfg.model.num_classes is not None and cfg.model.num_classes < splits.num_classes:
         raise ValueError(
             f"model.num_classes={cfg.model.num_classes} but the data set has {splits.num_classes} classes"
+        )
+    with (
+        torch.random.fork_rng()
+    ):  # a probe model: its arguments and sparse tensors are checked, the RNG untouched
+        try:
+            probe = create_model(cfg, cfg.model.num_classes or splits.num_classes)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"timm cannot build {cfg.model.name!r} with this config: {err}") from err
+    if not cfg.dense and not sparse_parameter_shapes(probe, cfg.sparsity.include, cfg.sparsity.exclude):
+        raise ValueError(
+            f"no sparse tensor in {cfg.model.name} matches sparsity.include={cfg.sparsity.include} "
+            f"minus sparsity.exclude={cfg.sparsity.exclude}"
         )
     return resume, splits
 
@@ -324,7 +341,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    resume_dir, splits = preflight(cfg)
+    try:
+        resume_dir, splits = preflight(cfg)
+    except ValueError as err:
+        raise InputError(str(err)) from err
     output = Path(cfg.run.output_dir)
     accelerator = Accelerator(
         # without a GPU, Accelerate only sets up multi-process (gloo) training when told it runs on the CPU
