@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -126,9 +128,22 @@ def fashion_mnist_config(
     return cfg
 
 
-def run_recipe(cfg: dict[str, Any], *, processes: int = 1, timeout: int = 7200) -> dict[str, Any]:
+def add_reuse_flag(parser: argparse.ArgumentParser) -> None:
+    """The ``--reuse-runs`` flag of the scripts that train through :func:`run_recipe`."""
+    parser.add_argument(
+        "--reuse-runs",
+        action="store_true",
+        help="reuse every finished run under benchmarks/results/runs/ whose saved config equals the one "
+        "this invocation would train (resumes an interrupted benchmark)",
+    )
+
+
+def run_recipe(
+    cfg: dict[str, Any], *, processes: int = 1, timeout: int = 7200, reuse: bool = False
+) -> dict[str, Any]:
     """Run ``recipes/train.py`` on ``cfg`` in a fresh process (``accelerate launch`` for several) and
-    return its summary plus the metrics log."""
+    return its summary plus the metrics log. With ``reuse``, a finished run in the same output folder
+    whose saved config (and process count) equals this one is read back instead of trained again."""
     import subprocess
     import sys
 
@@ -137,7 +152,13 @@ def run_recipe(cfg: dict[str, Any], *, processes: int = 1, timeout: int = 7200) 
     out = Path(cfg["run"]["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "bench_config.yaml"
-    config_path.write_text(yaml.safe_dump(cfg))
+    config_text = yaml.safe_dump(cfg) + (f"# processes: {processes}\n" if processes > 1 else "")
+    summary_path = out / "summary.json"
+    if reuse and summary_path.exists() and config_path.exists() and config_path.read_text() == config_text:
+        logging.getLogger(__name__).info("reusing the finished run in %s", out)
+        return _read_run(out)
+    summary_path.unlink(missing_ok=True)
+    config_path.write_text(config_text)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
     recipe = [str(ROOT / "recipes" / "train.py"), "--config", str(config_path), "--log-level", "WARNING"]
     if processes > 1:
@@ -163,6 +184,10 @@ def run_recipe(cfg: dict[str, Any], *, processes: int = 1, timeout: int = 7200) 
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"run failed ({' '.join(cmd)}):\n{result.stderr[-4000:]}")
+    return _read_run(out)
+
+
+def _read_run(out: Path) -> dict[str, Any]:
     summary = json.loads((out / "summary.json").read_text())
     summary["metrics"] = [
         json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line

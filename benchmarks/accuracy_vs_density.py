@@ -18,7 +18,16 @@ import argparse
 import logging
 import time
 
-from _common import RESULTS, RUNS, fashion_mnist_config, machine, mean_std, run_recipe, write_json
+from _common import (
+    RESULTS,
+    RUNS,
+    add_reuse_flag,
+    fashion_mnist_config,
+    machine,
+    mean_std,
+    run_recipe,
+    write_json,
+)
 
 METHOD_LABELS = {"static": "Static", "set": "SET", "rigl": "RigL", "unfired": "RigL-ITOP (unfired)"}
 
@@ -102,6 +111,7 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 1 seed, 2 epochs, 512 images, 2 methods"
     )
+    add_reuse_flag(parser)
     args = parser.parse_args()
     if args.quick:
         args.densities, args.methods, args.seeds, args.epochs, args.train_samples = (
@@ -132,7 +142,7 @@ def main() -> None:
             update_interval=args.update_interval,
             eval_samples=args.eval_samples or None,
         )
-        summary = run_recipe(cfg)
+        summary = run_recipe(cfg, reuse=args.reuse_runs)
         history = [{"step": 0, "itop_rate": summary.get("density", 1.0)}] + [
             {"step": r["step"], "itop_rate": r["itop_rate"]}
             for r in summary["metrics"]

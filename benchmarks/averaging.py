@@ -15,7 +15,16 @@ import logging
 import statistics
 import time
 
-from _common import RESULTS, RUNS, fashion_mnist_config, machine, mean_std, run_recipe, write_json
+from _common import (
+    RESULTS,
+    RUNS,
+    add_reuse_flag,
+    fashion_mnist_config,
+    machine,
+    mean_std,
+    run_recipe,
+    write_json,
+)
 
 CONFIGS = [("dense", False), ("dense", True), ("rigl", False), ("rigl", True)]
 
@@ -61,6 +70,7 @@ def main() -> None:
     parser.add_argument("--last-fraction", type=float, default=0.5)
     parser.add_argument("--update-interval", type=int, default=25)
     parser.add_argument("--quick", action="store_true")
+    add_reuse_flag(parser)
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.epochs, args.train_samples = [0], 2, 512
@@ -91,7 +101,7 @@ def main() -> None:
                     "last_fraction": args.last_fraction,
                     "bn_update_batches": 50,
                 }
-            summary = run_recipe(cfg)
+            summary = run_recipe(cfg, reuse=args.reuse_runs)
             per_epoch = [
                 r["top1"] for r in summary["metrics"] if r.get("event") == "eval" and r.get("split") == "val"
             ]

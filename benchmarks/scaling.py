@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from _common import RUNS, fashion_mnist_config, machine, run_recipe, write_json
+from _common import RUNS, add_reuse_flag, fashion_mnist_config, machine, run_recipe, write_json
 
 
 def main() -> None:
@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=10000)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
+    add_reuse_flag(parser)
     args = parser.parse_args()
     if args.quick:
         args.train_samples = 1024
@@ -38,7 +39,7 @@ def main() -> None:
             density=0.1,
             update_interval=2 if args.quick else 10,
         )
-        summary = run_recipe(cfg, processes=processes)
+        summary = run_recipe(cfg, processes=processes, reuse=args.reuse_runs)
         updates = [r for r in summary["metrics"] if r.get("event") == "topology_update"]
         results[processes] = {
             "samples_per_s": summary["samples_per_s"],

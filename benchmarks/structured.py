@@ -19,7 +19,7 @@ import time
 
 import timm
 import torch
-from _common import RUNS, fashion_mnist_config, machine, run_recipe, write_json
+from _common import RUNS, add_reuse_flag, fashion_mnist_config, machine, run_recipe, write_json
 
 from itop_timm.checkpoint import load_sparse
 from itop_timm.structured import compact
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=10000)
     parser.add_argument("--reps", type=int, default=30, help="timed forward passes per model and batch size")
     parser.add_argument("--quick", action="store_true")
+    add_reuse_flag(parser)
     args = parser.parse_args()
     eval_limit = None
     if args.quick:
@@ -109,7 +110,7 @@ def main() -> None:
                 "weight_decay": 0.0,
                 "kwargs": {"weight_lambda": extra["lambda"], "regularizer": "coupled"},
             }
-        summary = run_recipe(cfg)
+        summary = run_recipe(cfg, reuse=args.reuse_runs)
         last_train = [r for r in summary["metrics"] if r.get("event") == "train"][-1]
         trained[name] = {
             "summary": summary,
