@@ -9,7 +9,7 @@ test:
 	python3 -m uv run --locked pytest
 
 bench:
-	$(PY) benchmarks/step_overhead.py --models resnet18 resnet50 vit_small_patch16_224 --memory
+	$(PY) benchmarks/step_overhead.py --models resnet18 vit_tiny_patch16_224 resnet50 vit_small_patch16_224 --memory
 	$(PY) benchmarks/checkpoint_sizes.py
 	$(PY) benchmarks/scaling.py
 	$(PY) benchmarks/accuracy_vs_density.py --train-samples 2000 --eval-samples 5000 --update-interval 10

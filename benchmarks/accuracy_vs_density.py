@@ -5,8 +5,9 @@ Protocol (issue 7): 10 epochs, batch 128, SGD lr 0.1 / Nesterov 0.9 / wd 5e-4, l
 random-crop (pad 2) + flip augmentation, ERK densities, cosine prune rate from 0.5, ΔT = --update-interval.
 Every run goes through ``recipes/train.py`` in its own process.
 
-    uv run python benchmarks/accuracy_vs_density.py                        # the table in BENCHMARKS.md
-    uv run python benchmarks/accuracy_vs_density.py --train-samples 3000   # `make bench` budget
+    uv run python benchmarks/accuracy_vs_density.py --train-samples 10000  # `make bench-full` (~3 h, 2 cores)
+    uv run python benchmarks/accuracy_vs_density.py --train-samples 2000 --eval-samples 5000 \
+        --update-interval 10                                                # `make bench` (~45 min)
     uv run python benchmarks/accuracy_vs_density.py --quick                # smoke run (minutes)
 
 Writes benchmarks/results/accuracy_vs_density[_quick].json and PNG plots (accuracy vs density, R_s vs step).

@@ -38,12 +38,13 @@ def overhead() -> str:
             continue
         s = data["settings"]
         rows = [
-            "| model | params | dense step | sparse / dense | A/A control | one update (dense steps) | extra state (B / sparse param) | peak RSS sparse / dense | peak extra (B / sparse param) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| model | params | dense step | sparse / dense | A/A control | mask hook (% of dense step) | one update (dense steps) | extra state (B / sparse param) | peak RSS sparse / dense | peak extra (B / sparse param) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in data["results"]:
             rows.append(
                 f"| {r['model']} | {r['params_M']:.1f} M | {r['dense_step_s'] * 1e3:.0f} ms | **{r['step_ratio']:.3f}** | {r.get('control_ratio', float('nan')):.3f} | "
+                f"{100 * r.get('mask_hook_fraction_of_dense_step', float('nan')):.2f} | "
                 f"**{r['update_in_dense_steps']:.2f}** | {r['extra_state_bytes_per_sparse_param']:.1f} | "
                 f"{r.get('peak_rss_ratio', float('nan')):.3f} | {r.get('peak_extra_bytes_per_sparse_param', float('nan')):.1f} |"
             )

@@ -44,7 +44,7 @@ def run_script(name: str, env: dict, *args: str) -> str:
         timeout=1800,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    return result.stdout + result.stderr
 
 
 def test_step_overhead_quick(bench_env):
@@ -72,6 +72,23 @@ def test_accuracy_vs_density_quick(bench_env):
     rigl = next(r for r in data["runs"] if r["method"] == "rigl")
     assert rigl["itop_rate"] > rigl["realised_density"]  # updates happened
     assert all(Path(p).stat().st_size > 1000 for p in data["plots"])
+
+    # an interrupted sweep resumes: finished runs are read back, only the unfinished one is trained again
+    unfinished = results / "runs" / "accuracy_vs_density_quick" / "rigl_d0.1_s0" / "summary.json"
+    unfinished.unlink()
+    log = run_script("accuracy_vs_density.py", env, "--quick", "--reuse-runs")
+    again = json.loads((results / "accuracy_vs_density_quick.json").read_text())
+    assert log.count("reusing the finished run") == len(data["runs"]) - 1
+    assert "rigl_d0.1_s0" not in "".join(line for line in log.splitlines() if "reusing" in line)
+    for before, after in zip(data["runs"], again["runs"], strict=True):
+        assert (before["method"], before["density"], before["seed"]) == (
+            after["method"],
+            after["density"],
+            after["seed"],
+        )
+        if before["method"] != "rigl":
+            assert after == before
+    assert unfinished.exists()
 
 
 @pytest.mark.slow
