@@ -1,5 +1,5 @@
 # Benchmarks (CPU). Results: benchmarks/results/*.json + *.png; tables: BENCHMARKS.md.
-# `make bench` fits in about an hour on 2 cores; `make bench-full` is the protocol behind BENCHMARKS.md
+# `make bench` takes about 70 minutes on 2 cores; `make bench-full` is the protocol behind BENCHMARKS.md
 # (hours); `make bench-quick` is a smoke run of every script (minutes).
 PY := python3 -m uv run --locked python
 
