@@ -38,6 +38,7 @@ def main() -> None:
             method="rigl",
             density=0.1,
             update_interval=2 if args.quick else 10,
+            batch_size=32 if args.quick else 128,  # quick: enough steps per rank for several updates
         )
         summary = run_recipe(cfg, processes=processes, reuse=args.reuse_runs)
         updates = [r for r in summary["metrics"] if r.get("event") == "topology_update"]
