@@ -30,15 +30,13 @@ from _common import (
     write_json,
 )
 
+from itop_timm.plots import pyplot, save_figure
+
 METHOD_LABELS = {"static": "Static", "set": "SET", "rigl": "RigL", "unfired": "RigL-ITOP (unfired)"}
 
 
 def plot(results: dict, out_prefix: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     paths = []
     fig, ax = plt.subplots(figsize=(6, 4))
     dense = [r["test_top1"] for r in results["runs"] if r["method"] == "dense"]
@@ -64,11 +62,7 @@ def plot(results: dict, out_prefix: str) -> list[str]:
     ax.set_title("Fashion-MNIST, timm resnet18: accuracy vs density")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = RESULTS / f"{out_prefix}_accuracy.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    paths.append(str(path))
+    paths.append(str(save_figure(fig, RESULTS / f"{out_prefix}_accuracy.png")))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     d0 = max(results["densities"])
@@ -88,11 +82,7 @@ def plot(results: dict, out_prefix: str) -> list[str]:
     ax.set_title(f"R_s vs step at density {d0} (seed {runs[0]['seed'] if runs else 0})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = RESULTS / f"{out_prefix}_itop_rate.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    paths.append(str(path))
+    paths.append(str(save_figure(fig, RESULTS / f"{out_prefix}_itop_rate.png")))
     return paths
 
 

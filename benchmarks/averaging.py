@@ -26,6 +26,8 @@ from _common import (
     write_json,
 )
 
+from itop_timm.plots import pyplot, save_figure
+
 CONFIGS = [("dense", False), ("dense", True), ("rigl", False), ("rigl", True)]
 
 
@@ -34,11 +36,7 @@ def label(method: str, averaging: bool) -> str:
 
 
 def plot(runs: list[dict], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, averaging in CONFIGS:
         curves = [r["per_epoch_top1"] for r in runs if r["method"] == method and r["averaging"] == averaging]
@@ -54,9 +52,7 @@ def plot(runs: list[dict], path) -> None:
     ax.set_title("Fashion-MNIST resnet18: with / without weight averaging")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

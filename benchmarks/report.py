@@ -30,6 +30,11 @@ def _machine(data: dict) -> str:
     return f"*Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), timm {m['timm']}.*"
 
 
+def _table(header: str, rows: list[str]) -> str:
+    """A Markdown table from its ``| a | b |`` header line and row lines."""
+    return "\n".join([header, "|" + "---|" * (header.count("|") - 1), *rows])
+
+
 def overhead() -> str:
     parts = []
     for name in ("step_overhead_cpu_224px.json",):
@@ -37,10 +42,8 @@ def overhead() -> str:
         if not data:
             continue
         s = data["settings"]
-        rows = [
-            "| model | params | dense step | sparse / dense | A/A control | mask hook (% of dense step) | one update (dense steps) | extra state (B / sparse param) | peak RSS sparse / dense | peak extra (B / sparse param) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
+        header = "| model | params | dense step | sparse / dense | A/A control | mask hook (% of dense step) | one update (dense steps) | extra state (B / sparse param) | peak RSS sparse / dense | peak extra (B / sparse param) |"
+        rows = []
         for r in data["results"]:
             rows.append(
                 f"| {r['model']} | {r['params_M']:.1f} M | {r['dense_step_s'] * 1e3:.0f} ms | **{r['step_ratio']:.3f}** | {r.get('control_ratio', float('nan')):.3f} | "
@@ -51,7 +54,7 @@ def overhead() -> str:
         parts.append(
             f"Batch {s['batch_size']} at {s['img_size']} px, {s['method']} at density {s['density']}, SGD (Nesterov), "
             f"median of {s['steps']} steps after {s['warmup']} warm-up, update = median of {s['updates']}.\n\n"
-            + "\n".join(rows)
+            + _table(header, rows)
             + "\n\n"
             + _machine(data)
         )
@@ -63,36 +66,33 @@ def accuracy() -> str:
     if not data:
         return "*not run yet*"
     dense = data["dense_top1"]
-    rows = [
+    intro = (
         f"Dense: **{dense['mean']:.2f} ± {dense['std']:.2f}** (R_s 1). Command: `{data['command']}` "
         f"({data['settings']['train_samples'] or 60000} training images, {data['settings']['epochs']} epochs, seeds {data['settings']['seeds']}, "
-        f"{data['wall_time_s'] / 3600:.1f} h in all).",
-        "",
-        "| method | density | test top-1 (mean ± std) | gap to dense | R_s (mean ± std) |",
-        "|---|---|---|---|---|",
-    ]
+        f"{data['wall_time_s'] / 3600:.1f} h in all)."
+    )
+    header = "| method | density | test top-1 (mean ± std) | gap to dense | R_s (mean ± std) |"
+    rows = []
     for r in data["table"]:
         rows.append(
             f"| {LABELS.get(r['method'], r['method'])} | {r['density']} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} | "
             f"{r['gap_to_dense']:+.2f} | {r['itop_rate_mean']:.3f} ± {r['itop_rate_std']:.3f} |"
         )
-    return "\n".join(rows) + "\n\n" + _machine(data)
+    return intro + "\n\n" + _table(header, rows) + "\n\n" + _machine(data)
 
 
 def scaling() -> str:
     data = _load("scaling.json")
     if not data:
         return "*not run yet*"
-    rows = [
-        "| processes | samples/s | optimizer steps | topology updates | masks identical on every rank at every update |",
-        "|---|---|---|---|---|",
-    ]
+    header = "| processes | samples/s | optimizer steps | topology updates | masks identical on every rank at every update |"
+    rows = []
     for p, r in data["results"].items():
         rows.append(
             f"| {p} | {r['samples_per_s']:.0f} | {r['total_steps']} | {r['topology_updates']} | {'yes' if r['ranks_agreed_at_every_update'] else 'NO'} |"
         )
     return (
-        "\n".join(rows)
+        _table(header, rows)
         + f"\n\nSpeed-up 2 vs 1 process: **{data['speedup_2_vs_1']:.2f}×** (efficiency {data['efficiency']:.0%}).\n\n"
         + _machine(data)
     )
@@ -102,26 +102,22 @@ def checkpoints() -> str:
     data = _load("checkpoint_sizes.json")
     if not data:
         return "*not run yet*"
-    rows = [
-        f"| {data['model']} sparsity | model.safetensors | dense folder | compact: weights + masks | compact + union | ratio (w+m / dense) | ratio with union | load dense | load compact |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = f"| {data['model']} sparsity | model.safetensors | dense folder | compact: weights + masks | compact + union | ratio (w+m / dense) | ratio with union | load dense | load compact |"
+    rows = []
     for r in data["results"]:
         rows.append(
             f"| {r['sparsity']:.0%} | {r['dense_model_safetensors_MB']:.1f} MB | {r['dense_folder_MB']:.1f} MB | {r['compact_weights_and_masks_MB']:.1f} MB | "
             f"{r['compact_with_union_MB']:.1f} MB | **{r['compact_ratio']:.3f}** | {r['compact_with_union_ratio']:.3f} | {r['load_dense_s']:.2f} s | {r['load_compact_s']:.2f} s |"
         )
-    return "\n".join(rows) + "\n\n" + _machine(data)
+    return _table(header, rows) + "\n\n" + _machine(data)
 
 
 def averaging() -> str:
     data = _load("averaging.json")
     if not data:
         return "*not run yet*"
-    rows = [
-        "| configuration | final test top-1 | volatility (std of per-epoch test top-1, last half) | train time |",
-        "|---|---|---|---|",
-    ]
+    header = "| configuration | final test top-1 | volatility (std of per-epoch test top-1, last half) | train time |"
+    rows = []
     for r in data["table"]:
         rows.append(
             f"| {r['config']} | {r['final_top1_mean']:.2f} ± {r['final_top1_std']:.2f} | {r['volatility_mean']:.3f} ± {r['volatility_std']:.3f} | {r['wall_time_s']:.0f} s |"
@@ -130,7 +126,7 @@ def averaging() -> str:
     return (
         f"Command: `{data['command']}` — {s['train_samples']} training images, {s['epochs']} epochs, seeds {s['seeds']}, "
         f"PWALKS q = {s['sample_prob']}, last {s['last_fraction']:.0%} of each epoch.\n\n"
-        + "\n".join(rows)
+        + _table(header, rows)
         + "\n\n"
         + _machine(data)
     )
@@ -141,10 +137,8 @@ def structured() -> str:
     if not data:
         return "*not run yet*"
     dense = data["rows"][0]
-    rows = [
-        "| model | test top-1 | Δ vs dense | same after compaction | zero groups (weighted) | params ratio | MACs ratio | latency b1 (compact/dense) | latency b64 |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = "| model | test top-1 | Δ vs dense | same after compaction | zero groups (weighted) | params ratio | MACs ratio | latency b1 (compact/dense) | latency b64 |"
+    rows = []
     for r in data["rows"]:
         zg = "–" if r["zero_groups"] is None else f"{r['zero_groups']:.3f} ({r['zero_groups_weighted']:.3f})"
         same = (
@@ -160,7 +154,7 @@ def structured() -> str:
     s = data["settings"]
     return (
         f"Command: `{data['command']}` — {s['train_samples']} training images, {s['epochs']} epochs, RMDA lr {s['rmda_lr']}.\n\n"
-        + "\n".join(rows)
+        + _table(header, rows)
         + "\n\n"
         + _machine(data)
     )

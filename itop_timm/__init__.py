@@ -10,7 +10,7 @@ write with timm and Accelerate::
     for x, y in loader:
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(); loss.backward(); optimizer.step()   # masks + topology updates happen here
-    print(sp.density, sp.itop_rate)
+    sp.density, sp.itop_rate   # realised density, R_s (fraction of sparse weights ever active)
 
 Importing the package also registers sparse optimizers (``rigl_sgd``, ``set_adamw``, ...) with timm's
 ``create_optimizer_v2``.

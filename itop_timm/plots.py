@@ -6,10 +6,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_itop_rate", "plot_layer_densities", "plot_learning_curves"]
+__all__ = ["pyplot", "save_figure", "plot_itop_rate", "plot_layer_densities", "plot_learning_curves"]
 
 
-def _pyplot():
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -18,11 +19,21 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out ``fig``, write it as a 120-dpi PNG to ``path`` (parent folders created) and close it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path
+
+
 def plot_itop_rate(
     history: Sequence[Mapping[str, Any]], path: str | Path, density: float | None = None, title: str = ""
 ) -> Path:
     """R_s (and density) vs optimizer step from records with ``step`` and ``itop_rate``."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = [r["step"] for r in history]
     ax.plot(steps, [r["itop_rate"] for r in history], marker=".", label="R_s (ever-active fraction)")
@@ -34,12 +45,7 @@ def plot_itop_rate(
     ax.set_title(title or "In-Time Over-Parameterization rate R_s")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_layer_densities(
@@ -50,7 +56,7 @@ def plot_layer_densities(
     title: str = "",
 ) -> Path:
     """One bar per sparse tensor: realised density, optionally its R_s and the target density."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(densities)
     width = max(6.0, 0.18 * len(names))
     fig, ax = plt.subplots(figsize=(width, 4.5))
@@ -66,19 +72,14 @@ def plot_layer_densities(
     ax.set_ylim(0, 1.02)
     ax.set_title(title or "per-layer density")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_learning_curves(
     train: Sequence[Mapping[str, Any]], evals: Sequence[Mapping[str, Any]], path: str | Path, title: str = ""
 ) -> Path:
     """Training loss vs step (left) and validation/test top-1 vs epoch (right)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     if train:
         left.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
@@ -96,9 +97,4 @@ def plot_learning_curves(
     if val:
         right.legend()
     fig.suptitle(title or "learning curves")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
