@@ -20,6 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import timm_optimizers as _timm_optimizers
 from .checkpoint import SparseState, export_checkpoint, load_sparse, save_sparse
+from .config import SPARSIFY_DEFAULTS, SparsityConfig
 from .densities import (
     compute_layer_densities,
     layer_densities,
@@ -28,10 +29,11 @@ from .densities import (
 )
 from .hub import push_to_hub
 from .methods import LayerView, MethodInfo, get_method, register_method
+from .plugins import load_plugins
 from .registry import list_distributions, list_methods, list_schedules
 from .schedules import ScheduleInfo, create_schedule, register_schedule
 from .serialization import CheckpointError
-from .sparsifier import SPARSIFY_DEFAULTS, Sparsifier, SparsityConfig, sparsify
+from .sparsifier import Sparsifier, sparsify
 
 try:
     __version__ = version("itop-timm")
@@ -66,4 +68,5 @@ __all__ = [
     "SparseState",
     "push_to_hub",
     "CheckpointError",
+    "load_plugins",
 ]

@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ import torch
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
+from .masks import validate_masks
+from .registry import Registry
 from .serialization import CheckpointError, atomic_directory, read_safetensors
 from .sparsifier import Sparsifier, unwrap_model
 
@@ -53,6 +55,8 @@ __all__ = [
     "SPARSITY_FILE",
     "CONFIG_FILE",
     "CARD_FILE",
+    "ARCHITECTURE_ATTR",
+    "register_architecture_rebuilder",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -68,6 +72,28 @@ _META_KEY = "itop_timm"
 _LINK_KEY = "itop_timm.sparsity_sha256"
 _MASK = "masks/"
 _UNION = "ever_active/"
+
+# --------------------------------------------------------------------- the extension point
+#: The checkpoint format's one extension point for architectures that are not timm's own (a compacted
+#: model): a model carrying ``model.itop_timm_pruning_history`` (set by ``itop_timm.structured.compact``)
+#: has that JSON record saved under the metadata key ``"structured"``; ``load_sparse`` builds timm's
+#: architecture from ``config.json`` and hands it, with the record, to the function registered under
+#: that key (``itop_timm.structured`` registers ``rebuild_compacted``). The format knows nothing else
+#: about structure, and ``structured/`` imports this module, never the other way round.
+ARCHITECTURE_ATTR = "itop_timm_pruning_history"
+_ARCHITECTURE_KEY = "structured"
+ARCHITECTURE_REBUILDERS: Registry[Callable[[nn.Module, Mapping[str, Any]], nn.Module]] = Registry(
+    "architecture rebuilder"
+)
+
+
+def register_architecture_rebuilder(
+    rebuild: Callable[[nn.Module, Mapping[str, Any]], nn.Module], *, overwrite: bool = False
+) -> None:
+    """Register ``rebuild(model, record) -> model``, which gives a freshly built timm model the
+    architecture recorded in ``model.itop_timm_pruning_history`` (raising ``ValueError`` when the
+    record does not fit)."""
+    ARCHITECTURE_REBUILDERS.register(_ARCHITECTURE_KEY, rebuild, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------- bit packing
@@ -154,18 +180,10 @@ def _collect_masks(
         raise ValueError(
             f"sparsifier_or_masks must be a Sparsifier, a mapping name -> bool mask or None, got {type(source).__name__}"
         )
-    params = dict(model.named_parameters())
-    for name, mask in masks.items():
-        if name not in params:
-            raise ValueError(f"mask {name!r} names no parameter of the model")
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise ValueError(f"mask {name!r} must be a bool tensor")
-        if tuple(mask.shape) != tuple(params[name].shape):
-            raise ValueError(
-                f"mask {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(params[name].shape)}"
-            )
-        if union is not None and (name not in union or tuple(union[name].shape) != tuple(mask.shape)):
-            raise ValueError(f"union mask of {name!r} is missing or has the wrong shape")
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    masks = validate_masks(masks, shapes, complete=False)
+    if union is not None:
+        union = validate_masks(union, {n: shapes[n] for n in masks}, what="union masks")
     return masks, union, info
 
 
@@ -319,9 +337,9 @@ def save_sparse(
         "dataset": dataset,
         "extra": dict(extra_metadata or {}),
     }
-    history = getattr(model, "itop_timm_pruning_history", None)
+    history = getattr(model, ARCHITECTURE_ATTR, None)
     if history is not None:
-        meta["structured"] = history
+        meta[_ARCHITECTURE_KEY] = history
 
     directory = Path(directory)
     _recover_interrupted_save(directory)
@@ -564,11 +582,13 @@ def load_sparse(
         raise CheckpointError(
             f"{config_path}: timm cannot build {arch!r} from it ({type(err).__name__}: {err})"
         ) from err
-    if "structured" in meta:
-        from .structured.compact import rebuild_compacted
-
+    if _ARCHITECTURE_KEY in meta:
+        if _ARCHITECTURE_KEY not in ARCHITECTURE_REBUILDERS:
+            raise CheckpointError(
+                f"{folder / SPARSITY_FILE}: holds a compacted architecture; import itop_timm.structured to load it"
+            )
         try:
-            model = rebuild_compacted(model, meta["structured"])
+            model = ARCHITECTURE_REBUILDERS.get(_ARCHITECTURE_KEY)(model, meta[_ARCHITECTURE_KEY])
         except ValueError as err:
             raise CheckpointError(
                 f"{folder / SPARSITY_FILE}: cannot rebuild the compacted architecture ({err})"

@@ -6,6 +6,7 @@ itop-timm export <checkpoint> <out_dir> --compact [--no-union]
 itop-timm push <checkpoint> <org/name> [--private] [--token T]
 itop-timm compact <checkpoint> <out_dir>                  # remove zeroed channels (torch-pruning)
 itop-timm methods                                          # registered methods / distributions / schedules
+itop-timm timm-train path/to/timm/train.py [timm's arguments]  # timm's train.py with sparse optimizers
 """
 
 from __future__ import annotations
@@ -122,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "train", help="train a timm model sparse (the recipe; --help lists config keys)", add_help=False
     )
+    sub.add_parser(
+        "timm-train",
+        help="run timm's own train.py with the sparse optimizers registered (--opt rigl_sgd --opt-kwargs ...)",
+        add_help=False,
+    )
 
     p = sub.add_parser("info", help="summarise a sparse checkpoint (folder or hf-hub:org/name)")
     p.add_argument("checkpoint")
@@ -178,15 +184,22 @@ def main(argv: Sequence[str] | None = None) -> Any:
 
         train_main(argv[1:], prog="itop-timm train")
         return 0
+    if argv and argv[0] == "timm-train":  # everything after the script path is timm's
+        from .timm_train import main as timm_train_main
+
+        timm_train_main(argv[1:], prog="itop-timm timm-train")
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from .plugins import load_plugins
     from .serialization import CheckpointError
 
     try:
+        load_plugins()  # installed plugins' methods, distributions and schedules
         return args.func(args)
     except (CheckpointError, ValueError) as err:
         print(f"itop-timm {args.command}: error: {err}", file=sys.stderr)

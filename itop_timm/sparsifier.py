@@ -21,18 +21,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
-from types import MappingProxyType
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from .densities import active_counts, compute_layer_densities, sparse_parameter_shapes, validate_density
+from .config import SPARSIFY_DEFAULTS, SparsityConfig
+from .densities import active_counts, compute_layer_densities, sparse_parameter_shapes
 from .distributed import all_finite, broadcast_masks
+from .masks import validate_masks
 from .methods import LayerView, MethodInfo, get_method
-from .registry import DISTRIBUTIONS
 from .schedules import create_schedule
 
 __all__ = [
@@ -48,86 +49,12 @@ _logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "itop_timm.sparsifier.v1"
 
-#: Values used for :func:`sparsify` arguments that neither the caller nor the method's defaults set.
-SPARSIFY_DEFAULTS: Mapping[str, Any] = MappingProxyType(
-    {
-        "distribution": "erk",
-        "update_interval": 100,
-        "prune_rate": 0.5,
-        "final_prune_rate": 0.005,
-        "prune_schedule": "cosine",
-    }
-)
+#: ``hook(sparsifier, stats)`` called after every topology update (see :meth:`Sparsifier.register_update_hook`).
+UpdateHook = Callable[["Sparsifier", dict[str, Any]], None]
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _patterns(value: str | Iterable[str] | None) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    return (value,) if isinstance(value, str) else tuple(value)
-
-
-@dataclass(frozen=True)
-class SparsityConfig:
-    """Validated settings of a sparse run (see :func:`sparsify` for their meaning)."""
-
-    method: str = "rigl"
-    density: float = 0.1
-    distribution: str = "erk"
-    update_interval: int = 100
-    prune_rate: float = 0.5
-    final_prune_rate: float = 0.005
-    prune_schedule: str = "cosine"
-    total_steps: int | None = None
-    stop_step: int | None = None
-    seed: int = 0
-    include: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] = field(default_factory=tuple)
-
-    def __post_init__(self) -> None:
-        method = get_method(self.method)
-        object.__setattr__(self, "method", method.name)
-        object.__setattr__(self, "density", validate_density(self.density))
-        DISTRIBUTIONS.get(self.distribution)  # raises for unknown names
-        object.__setattr__(self, "distribution", self.distribution.lower())
-        object.__setattr__(self, "include", _patterns(self.include))
-        object.__setattr__(self, "exclude", _patterns(self.exclude) or ())
-        if not _is_int(self.update_interval) or self.update_interval < 1:
-            raise ValueError(
-                f"update_interval must be an integer >= 1 (optimizer steps), got {self.update_interval!r}"
-            )
-        if self.total_steps is not None and (not _is_int(self.total_steps) or self.total_steps < 1):
-            raise ValueError(f"total_steps must be a positive integer or None, got {self.total_steps!r}")
-        if self.stop_step is not None and (not _is_int(self.stop_step) or self.stop_step < 0):
-            raise ValueError(f"stop_step must be a non-negative integer or None, got {self.stop_step!r}")
-        if not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if method.dynamic:  # validates prune_rate, final_prune_rate, schedule name and total_steps
-            create_schedule(self.prune_schedule, self.prune_rate, self.final_prune_rate, self.total_steps)
-
-    @classmethod
-    def resolve(cls, method: str | MethodInfo = "rigl", **given: Any) -> SparsityConfig:
-        """Build a config: explicit (non-``None``) values win over the method's defaults, which win
-        over :data:`SPARSIFY_DEFAULTS`."""
-        info = get_method(method)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(given) - known)
-        if unknown:
-            raise ValueError(f"unknown sparsity setting(s) {unknown}; allowed: {sorted(known - {'method'})}")
-        values: dict[str, Any] = dict(SPARSIFY_DEFAULTS)
-        values.update({k: v for k, v in info.defaults.items() if k in known})
-        values.update({k: v for k, v in given.items() if v is not None})
-        return cls(method=info.name, **values)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        d = asdict(self)
-        d["include"] = list(self.include) if self.include is not None else None
-        d["exclude"] = list(self.exclude)
-        return d
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -176,7 +103,7 @@ class Sparsifier:
         self.optimizer = unwrap_optimizer(optimizer)
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self.config = config
+        self.config = config = config.resolved()
         self.method: MethodInfo = get_method(config.method)
 
         shapes = sparse_parameter_shapes(self.model, config.include, config.exclude)
@@ -198,7 +125,7 @@ class Sparsifier:
 
         self._generator = torch.Generator().manual_seed(config.seed)
         if masks is not None:
-            initial = _validated_masks(masks, shapes)
+            initial = {n: m.to('cpu').clone() for n, m in validate_masks(masks, shapes).items()}
             counts = {name: int(m.sum()) for name, m in initial.items()}
             self.target_densities = {name: counts[name] / m.numel() for name, m in initial.items()}
             # the given masks define the density (the `density` argument is not used)
@@ -228,6 +155,7 @@ class Sparsifier:
         )
         self.step = 0
         self.last_update: dict[str, Any] | None = None
+        self._update_hooks: OrderedDict[int, UpdateHook] = OrderedDict()  # weak-referenceable for RemovableHandle
         self.apply_masks()
         self._handles = [self.optimizer.register_step_post_hook(self._after_optimizer_step)]
         _logger.info(
@@ -316,6 +244,7 @@ class Sparsifier:
         if not all_finite(grads):
             _logger.warning("step %d: gradients are not finite; topology update skipped", self.step)
             self.last_update = {"step": self.step, "skipped": "non-finite gradients"}
+            self._notify_update()
             return self.last_update
         rate = self._schedule(self.step)
         dropped: dict[str, int] = {}
@@ -373,7 +302,20 @@ class Sparsifier:
             self.step,
             {k: v for k, v in self.last_update.items() if k != "layers"},
         )
+        self._notify_update()
         return self.last_update
+
+    def register_update_hook(self, hook: UpdateHook) -> RemovableHandle:
+        """Call ``hook(sparsifier, stats)`` after every topology update, skipped ones included (their
+        stats hold ``"skipped"``); ``stats`` is :attr:`last_update`. Returns a handle whose ``remove()``
+        unsubscribes. Hooks run on every rank, in registration order, inside ``optimizer.step()``."""
+        handle = RemovableHandle(self._update_hooks)
+        self._update_hooks[handle.id] = hook
+        return handle
+
+    def _notify_update(self) -> None:
+        for hook in list(self._update_hooks.values()):
+            hook(self, self.last_update)
 
     def _grad_ema_of(self, name: str) -> torch.Tensor | None:
         return None if self._grad_ema is None else self._grad_ema[name]
@@ -459,8 +401,8 @@ class Sparsifier:
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not an itop_timm sparsifier state (expected format {STATE_FORMAT!r})")
         shapes = {name: tuple(p.shape) for name, p in self._params.items()}
-        masks = _validated_masks(state["masks"], shapes, what="masks")
-        union = _validated_masks(state["ever_active"], shapes, what="ever_active")
+        masks = validate_masks(state["masks"], shapes, what="masks")
+        union = validate_masks(state["ever_active"], shapes, what="ever_active")
         uncovered = [name for name in shapes if bool((masks[name] & ~union[name]).any())]
         if uncovered:
             raise ValueError(f"ever_active must contain the masks; not so for {uncovered[:3]}")
@@ -501,36 +443,6 @@ class Sparsifier:
             f"Sparsifier(method={self.method.name!r}, tensors={len(self.masks)}, density={self.density:.4f}, "
             f"itop_rate={self.itop_rate:.4f}, step={self.step})"
         )
-
-
-def _validated_masks(
-    masks: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], what: str = "masks"
-) -> dict[str, torch.Tensor]:
-    """Check names, shapes and 0/1 values; return CPU bool tensors. Raises ``ValueError`` naming the problem."""
-    if not isinstance(masks, Mapping):
-        raise ValueError(f"{what} must be a mapping of parameter name -> tensor, got {type(masks).__name__}")
-    missing = [n for n in shapes if n not in masks]
-    unexpected = [n for n in masks if n not in shapes]
-    if missing or unexpected:
-        raise ValueError(
-            f"{what} do not fit the model's sparse tensors: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    out = {}
-    for name, shape in shapes.items():
-        mask = masks[name]
-        if not isinstance(mask, torch.Tensor):
-            raise ValueError(f"{what}[{name!r}] must be a tensor, got {type(mask).__name__}")
-        if tuple(mask.shape) != tuple(shape):
-            raise ValueError(
-                f"{what}[{name!r}] has shape {tuple(mask.shape)}, but the parameter has shape {tuple(shape)}"
-            )
-        if mask.dtype != torch.bool:
-            if not bool(((mask == 0) | (mask == 1)).all()):
-                raise ValueError(f"{what}[{name!r}] must be bool or hold only 0/1, found other values")
-            mask = mask != 0
-        out[name] = mask.detach().to("cpu").clone()
-    return out
 
 
 def sparsify(

@@ -85,3 +85,18 @@ def write_idx(path, array) -> None:
     header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     with gzip.open(path, "wb") as f:
         f.write(header + array.astype("uint8").tobytes())
+
+
+PLUGIN = """
+from itop_timm import MethodInfo, register_method
+from itop_timm.methods import magnitude_score, random_score
+
+register_method(MethodInfo("{name}", magnitude_score, random_score, "a test plugin's method",
+                           defaults={{"update_interval": 7, "prune_rate": 0.25}}))
+"""
+
+
+def write_plugin(folder, module: str, method: str) -> None:
+    """A plugin module ``module`` in ``folder`` that registers ``method`` (defaults: update_interval 7,
+    prune_rate 0.25)."""
+    (folder / f"{module}.py").write_text(PLUGIN.format(name=method))

@@ -12,7 +12,7 @@ from torch import nn
 
 from itop_timm.checkpoint import SparseState, load_sparse, save_sparse
 from itop_timm.structured.compact import HISTORY_ATTR, compact, compact_checkpoint, rebuild_compacted
-from itop_timm.structured.groups import ChannelGroup, coupled_channel_groups
+from itop_timm.structured.dependency import ChannelGroup, coupled_channel_groups
 from itop_timm.structured.importance import MaskImportance
 
 # (timm name, input size, extra create_model kwargs)
@@ -424,12 +424,12 @@ def test_bad_input_raises_before_modifying():
         compact(model, torch.randn(1, 7, size, size))
     with pytest.raises(ValueError, match="tol"):
         compact(model, x, tol=-1)
-    with pytest.raises(ValueError, match="names no parameter"):
+    with pytest.raises(ValueError, match="name no parameter"):
         compact(model, x, masks={"nope.weight": torch.ones(3, dtype=torch.bool)})
     with pytest.raises(ValueError, match="shape"):
         compact(model, x, masks={"conv1.weight": torch.ones(3, dtype=torch.bool)})
-    with pytest.raises(ValueError, match="bool"):
-        compact(model, x, masks={"conv1.weight": torch.ones_like(model.conv1.weight)})
+    with pytest.raises(ValueError, match="must be bool or hold only 0/1"):
+        compact(model, x, masks={"conv1.weight": torch.full_like(model.conv1.weight, 0.5)})
     with pytest.raises(ValueError, match="example_inputs"):
         compact(model, [x])
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

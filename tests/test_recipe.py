@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import make_disk_dataset, make_image_folder, write_idx
+from helpers import make_disk_dataset, make_image_folder, write_idx, write_plugin
 
 import itop_timm
 from itop_timm.checkpoint import load_sparse
+from itop_timm.registry import METHODS
 from itop_timm.training import load_config, run
 from itop_timm.training.config import TrainConfig
 from itop_timm.training.data import read_idx
@@ -110,6 +111,26 @@ def test_tiny_run_end_to_end(tiny_data, tmp_path):
     )
     assert json.loads((out / "model" / "config.json").read_text())["label_names"] == ["c0", "c1", "c2", "c3"]
     assert yaml.safe_load((out / "config.yaml").read_text())["sparsity"]["density"] == 0.3
+
+
+def test_a_plugin_methods_defaults_reach_the_recipe(tiny_data, tmp_path, monkeypatch):
+    write_plugin(tmp_path, "itop_recipe_plugin", "every7")  # defaults: update_interval 7, prune_rate 0.25
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    cfg = tiny_config(
+        tiny_data,
+        out,
+        sparsity={"method": "every7", "update_interval": None},  # unset: the method's default
+        run={"plugins": ["itop_recipe_plugin"]},
+    )
+    try:
+        run_config(cfg)
+    finally:
+        METHODS.unregister("every7")
+    assert [r["step"] for r in records(out, "topology_update")] == [7]  # 12 steps, ΔT = 7
+    _, _, meta = load_sparse(out / "model")
+    assert meta["method"] == "every7"
+    assert meta["sparsity_config"]["update_interval"] == 7 and meta["sparsity_config"]["prune_rate"] == 0.25
 
 
 def test_dense_and_static_runs(tiny_data, tmp_path):

@@ -533,3 +533,20 @@ def test_given_masks_define_the_recorded_density():
         m.view(-1)[: m.numel() // 4] = True
     sp = sparsify(model, sgd(model), method="set", density=0.9, masks=masks, total_steps=10)
     assert sp.config.density == pytest.approx(sp.density) and sp.density == pytest.approx(0.25, abs=0.01)
+
+
+def test_update_hooks_observe_every_topology_update_until_removed():
+    model = tiny_cnn()
+    opt = sgd(model)
+    sp = sparsify(model, opt, method="set", density=0.3, update_interval=2, total_steps=40)
+    seen: list[tuple[int, dict]] = []
+    handle = sp.register_update_hook(lambda s, stats: seen.append((s.step, stats)))
+    order: list[str] = []
+    sp.register_update_hook(lambda s, stats: order.append("second"))
+    train_steps(model, opt, 6, input_size=(3, 8, 8))
+    assert [step for step, _ in seen] == [2, 4, 6]
+    assert all(stats["step"] == step and "replaced" in stats for step, stats in seen)
+    assert seen[-1][1] is sp.last_update and len(order) == 3
+    handle.remove()
+    train_steps(model, opt, 2, input_size=(3, 8, 8), seed=1)
+    assert len(seen) == 3 and len(order) == 4  # the removed hook is silent, the other still called

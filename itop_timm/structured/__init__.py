@@ -3,7 +3,7 @@ torch-pruning coupled channel groups, compaction of zeroed channels into a small
 torch-pruning importance that ranks channels by ITOP masks."""
 
 from .compact import compact, compact_checkpoint, rebuild_compacted
-from .groups import ChannelGroup, ChannelSlice, coupled_channel_groups
+from .dependency import ChannelGroup, ChannelSlice, coupled_channel_groups
 from .importance import MaskImportance
 from .prox import L1, GroupLasso, Regularizer, create_regularizer, group_sparsity
 from .rmda import RMDA, ProxSGD, RMDAStages

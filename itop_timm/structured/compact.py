@@ -1,6 +1,6 @@
 """Compaction: remove zeroed channels with torch-pruning, giving a smaller dense model with the same outputs.
 
-``compact(model, x)`` traces the coupled channel groups (:func:`~itop_timm.structured.groups.trace_channel_groups`)
+``compact(model, x)`` traces the coupled channel groups (:func:`~itop_timm.structured.dependency.trace_channel_groups`)
 and, in every *exact* group, removes each channel that is entirely zero:
 
 * nobody reads it: all its ``"consumer"`` slices (input channels of the next convolutions / linear layers)
@@ -33,12 +33,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .groups import (
+from ..checkpoint import (
+    ARCHITECTURE_ATTR,
+    SparseState,
+    load_sparse,
+    register_architecture_rebuilder,
+    save_sparse,
+)
+from ..masks import validate_masks
+from .dependency import (
     ChannelTrace,
     TracedGroup,
     build_graph,
     call_model,
     model_label,
+    per_position,
     trace_channel_groups,
     tracing_state,
 )
@@ -47,7 +56,7 @@ __all__ = ["compact", "rebuild_compacted", "compact_checkpoint", "HISTORY_ATTR"]
 
 _logger = logging.getLogger(__name__)
 
-HISTORY_ATTR = "itop_timm_pruning_history"
+HISTORY_ATTR = ARCHITECTURE_ATTR  # the checkpoint format's extension point
 # |output change| allowed on the example input for an exact compaction (summation order changes only)
 _OUTPUT_RTOL = 1e-4
 
@@ -72,27 +81,18 @@ def _check_input(example_inputs: Any) -> torch.Tensor:
 def _check_masks(
     masks: Mapping[str, torch.Tensor] | None, params: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
+    """Masks checked by :func:`itop_timm.masks.validate_masks`, on their parameter's device; a masked
+    parameter must hold finite floating-point values (compaction marks masked-out weights with NaN)."""
     if masks is None:
         return {}
-    if not isinstance(masks, Mapping):
-        raise ValueError(f"masks must be a mapping parameter name -> bool mask, got {type(masks).__name__}")
-    out = {}
-    for name, mask in masks.items():
-        if name not in params:
-            raise ValueError(f"mask {name!r} names no parameter of the model")
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise ValueError(f"mask {name!r} must be a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
+    checked = validate_masks(masks, {n: tuple(p.shape) for n, p in params.items()}, complete=False)
+    for name in checked:
         p = params[name]
-        if tuple(mask.shape) != tuple(p.shape):
-            raise ValueError(
-                f"mask {name!r} has shape {tuple(mask.shape)}, the parameter has {tuple(p.shape)}"
-            )
         if not p.is_floating_point():
             raise ValueError(f"parameter {name!r} is not floating point; it cannot carry a mask")
         if bool(torch.isnan(p).any()):
             raise ValueError(f"parameter {name!r} holds NaN values; compaction needs finite weights")
-        out[name] = mask.to(p.device)
-    return out
+    return {name: mask.to(params[name].device) for name, mask in checked.items()}
 
 
 # ----------------------------------------------------------------------------- planning
@@ -101,8 +101,7 @@ def _zero_positions(p: torch.Tensor, dim: int, mask: torch.Tensor | None, tol: f
     zero = p.detach().abs() <= tol
     if mask is not None:
         zero = zero | ~mask
-    dims = [d for d in range(p.ndim) if d != dim]
-    return zero.all(dim=dims) if dims else zero
+    return per_position(zero, dim, torch.all)
 
 
 def _zero_channels(
@@ -417,8 +416,6 @@ def compact_checkpoint(
         ``extra["compaction"]``). The union (R_s) masks are not carried over. A checkpoint without masks
         (e.g. RMDA-trained) is written in compact storage, the form whose metadata keeps the pruning history.
     """
-    from ..checkpoint import SparseState, load_sparse, save_sparse
-
     tol = _check_tol(tol)
     model, masks, meta = load_sparse(src)
     if Path(dst).resolve() == Path(meta["path"]).resolve():
@@ -452,3 +449,6 @@ def compact_checkpoint(
         compact=bool(meta.get("compact")) or not new_masks,
     )
     return report
+
+
+register_architecture_rebuilder(rebuild_compacted)

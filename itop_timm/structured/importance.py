@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch_pruning as tp
 
-from .groups import group_item_slices
+from .dependency import group_item_slices, per_position
 
 __all__ = ["MaskImportance"]
 
@@ -79,18 +79,17 @@ class MaskImportance(tp.importance.Importance):
                 found = True
                 p = params[s.param_name].detach()
                 mask = self._mask(s.param_name, p)
-                dims = [d for d in range(p.ndim) if d != s.dim]
                 if self.mode == "density":
                     active = mask if mask is not None else p != 0
-                    per_position = active.sum(dim=dims) if dims else active
+                    values_per_position = per_position(active, s.dim)
                     total = float(p.numel() // p.shape[s.dim])
                 else:
                     w = p.float() * mask if mask is not None else p.float()
-                    per_position = w.pow(2).sum(dim=dims) if dims else w.pow(2)
+                    values_per_position = per_position(w.pow(2), s.dim)
                     total = 0.0
                 sel = torch.tensor(keep, dtype=torch.long)
                 target = torch.tensor([position[int(c)] for c in s.channel[sel].tolist()], dtype=torch.long)
-                values = per_position.cpu().double()[s.index[sel]]
+                values = values_per_position.cpu().double()[s.index[sel]]
                 num.index_add_(0, target, values)
                 den.index_add_(0, target, torch.full_like(values, total))
         if not found:

@@ -1,7 +1,7 @@
 """Structure-inducing regularisers ψ as small proximal-operator objects (REFERENCE §2).
 
 * :class:`GroupLasso` — ``ψ(W) = Σ_g sqrt(|g|) ‖W_g‖``; prox: ``w_g ← max(0, ‖w_g‖ − τ sqrt(|g|)) / ‖w_g‖ · w_g``.
-  Groups are :class:`~itop_timm.structured.groups.ChannelGroup` s, so one mechanism covers the paper's
+  Groups are :class:`~itop_timm.structured.dependency.ChannelGroup` s, so one mechanism covers the paper's
   per-parameter groups (``GroupLasso.per_parameter(..., axis="in")``: conv weights per input channel,
   linear weights per input feature; ``axis="out"``: per filter) and torch-pruning's coupled channel groups
   (``GroupLasso.coupled(model, example_inputs)``), whose zeroed channels ``compact`` can remove.
@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .groups import ChannelGroup, ChannelSlice
+from .dependency import ChannelGroup, ChannelSlice, channel_numel, coupled_channel_groups, per_position
 
 __all__ = ["Regularizer", "GroupLasso", "L1", "create_regularizer", "group_sparsity"]
 
@@ -60,7 +60,7 @@ class GroupLasso:
                         f"group {group.name!r}: index out of range for {s.param_name!r} dim {s.dim}"
                     )
             if group.numel is None:
-                group.numel = _numel_per_channel(group, self._params)
+                group.numel = channel_numel(group.slices, self._params, group.num_channels)
 
     @classmethod
     def per_parameter(
@@ -94,8 +94,6 @@ class GroupLasso:
         Groups overlap (a conv weight is in its output-channel group and its input-channel group); the
         prox is then applied group after group, the usual approximation of the overlapping-group prox.
         """
-        from .groups import coupled_channel_groups
-
         return cls(coupled_channel_groups(model, example_inputs, **kwargs), dict(model.named_parameters()))
 
     def parameters(self) -> list[torch.Tensor]:
@@ -130,19 +128,7 @@ class GroupLasso:
 
 
 def _position_sq(t: torch.Tensor, s: ChannelSlice) -> torch.Tensor:
-    dims = [d for d in range(t.ndim) if d != s.dim]
-    per_position = t.float().pow(2).sum(dim=dims) if dims else t.float().pow(2)
-    return per_position[s.index.to(t.device)]
-
-
-def _numel_per_channel(group: ChannelGroup, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    numel = torch.zeros(group.num_channels, dtype=torch.long)
-    for s in group.slices:
-        shape = params[s.param_name].shape
-        numel.index_add_(
-            0, s.channel, torch.full((s.index.numel(),), s.numel_per_position(shape), dtype=torch.long)
-        )
-    return numel
+    return per_position(t.float().pow(2), s.dim)[s.index.to(t.device)]
 
 
 class L1:

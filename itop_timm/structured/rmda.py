@@ -57,6 +57,14 @@ def _validate(
         )
 
 
+
+def _closure_loss(closure: Any) -> Any:
+    """The loss of ``optimizer.step(closure)`` (``None`` without a closure), computed with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
 class _ProximalOptimizer(torch.optim.Optimizer):
     """Shared plumbing: a regulariser over (some of) the parameters, group-sparsity metrics."""
 
@@ -130,10 +138,7 @@ class RMDA(_ProximalOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         candidates: dict[int, torch.Tensor] = {}
         scales: dict[int, float] = {}
         updates: list[tuple[torch.Tensor, torch.Tensor, float]] = []
@@ -200,10 +205,7 @@ class ProxSGD(_ProximalOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         candidates: dict[int, torch.Tensor] = {}
         scales: dict[int, float] = {}
         for group in self.param_groups:

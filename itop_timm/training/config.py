@@ -7,6 +7,7 @@ raise a ``ValueError`` listing the valid ones; values are type-checked against t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -14,9 +15,13 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
+
+from ..config import SparsityConfig, option
+from ..methods import MethodInfo
+from ..plugins import load_plugins
 
 __all__ = [
     "ModelConfig",
@@ -24,7 +29,7 @@ __all__ = [
     "OptimConfig",
     "SchedConfig",
     "TrainLoopConfig",
-    "SparsityOptions",
+    "SparsitySection",
     "AveragingOptions",
     "RunConfig",
     "TrainConfig",
@@ -37,104 +42,152 @@ __all__ = [
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet18"  # any timm model name
-    pretrained: bool = False  # downloads weights: only when online
-    num_classes: int | None = None  # None: from the data set's labels
-    in_chans: int = 3
-    img_size: int = 224  # input resolution (square)
-    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    name: str = option("any timm model name (timm.list_models())", "resnet18")
+    pretrained: bool = option("start from timm's pretrained weights (downloads: only when online)", False)
+    num_classes: int | None = option("output classes (null: from the data set's labels)")
+    in_chans: int = option("input channels", 3)
+    img_size: int = option("input resolution (square)", 224)
+    kwargs: dict[str, Any] = option("extra timm.create_model arguments", factory=dict)
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion_mnist"  # fashion_mnist | imagefolder | disk | a Hugging Face Hub data set id
-    data_dir: str | None = None  # fashion_mnist: IDX folder; imagefolder/disk: path; hub: optional data_dir
-    train_split: str = "train"
-    val_split: str | None = None  # None: hold out val_fraction of the train split (stratified, seeded)
-    val_fraction: float = 0.1
-    test_split: str | None = "test"
-    image_column: str | None = None  # None: the first Image column
-    label_column: str | None = None  # None: the first ClassLabel column
-    max_train_samples: int | None = None  # subsample the train split (quick runs)
-    max_eval_samples: int | None = None  # subsample val/test
-    batch_size: int = 128  # per process
-    eval_batch_size: int = 256
-    num_workers: int = 1
-    mean: list[float] | None = None  # None: timm's defaults for the model (averaged for 1 channel)
-    std: list[float] | None = None
-    crop: str = "pad"  # pad: random crop from a padded image; rrc: timm RandomResizedCrop; none
-    crop_padding: int = 4
-    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # rrc only
-    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # rrc only
-    hflip: float = 0.5
-    color_jitter: float = 0.0
+    dataset: str = option(
+        "fashion_mnist | imagefolder | disk (datasets.load_from_disk) | a Hugging Face Hub data set id",
+        "fashion_mnist",
+    )
+    data_dir: str | None = option("fashion_mnist: IDX folder; imagefolder/disk: path; hub: optional data_dir")
+    train_split: str = option("split to train on", "train")
+    val_split: str | None = option(
+        "validation split (null: hold out val_fraction of the train split, stratified, seeded)"
+    )
+    val_fraction: float = option("fraction of the train split held out for validation, in [0, 1)", 0.1)
+    test_split: str | None = option("split evaluated at the end (null: none)", "test")
+    image_column: str | None = option("image column (null: the first Image column)")
+    label_column: str | None = option("label column (null: the first ClassLabel column)")
+    max_train_samples: int | None = option("subsample the train split (quick runs)")
+    max_eval_samples: int | None = option("subsample the validation and test splits")
+    batch_size: int = option("training batch size per process", 128)
+    eval_batch_size: int = option("evaluation batch size per process", 256)
+    num_workers: int = option("DataLoader worker processes", 1)
+    mean: list[float] | None = option(
+        "normalisation mean (null: timm's for the model, averaged for 1 channel)"
+    )
+    std: list[float] | None = option("normalisation std (null: timm's for the model)")
+    crop: str = option("pad: random crop from a padded image; rrc: timm RandomResizedCrop; none", "pad")
+    crop_padding: int = option("padding of crop: pad, in pixels", 4)
+    scale: list[float] = option("RandomResizedCrop scale range (crop: rrc)", factory=lambda: [0.08, 1.0])
+    ratio: list[float] = option(
+        "RandomResizedCrop aspect ratio range (crop: rrc)", factory=lambda: [3 / 4, 4 / 3]
+    )
+    hflip: float = option("probability of a horizontal flip, in [0, 1]", 0.5)
+    color_jitter: float = option("colour jitter strength (0: off)", 0.0)
 
 
 @dataclass
 class OptimConfig:
-    opt: str = "sgd"  # any timm optimizer name (timm's "sgd" is Nesterov SGD)
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    clip_grad: float | None = None  # max gradient norm
+    opt: str = option(
+        "any timm optimizer name (timm's sgd is Nesterov SGD; rmda, proxsgd for structured sparsity)", "sgd"
+    )
+    lr: float = option("peak learning rate", 0.1)
+    momentum: float = option("momentum (SGD, RMDA)", 0.9)
+    weight_decay: float = option("weight decay", 5e-4)
+    kwargs: dict[str, Any] = option("extra create_optimizer_v2 arguments", factory=dict)
+    clip_grad: float | None = option("max gradient norm (null: no clipping)")
 
 
 @dataclass
 class SchedConfig:
-    name: str = "multistep"  # any timm scheduler: multistep | cosine | step | plateau | ... | none
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of training (multistep)
-    decay_rate: float = 0.1
-    warmup_epochs: float = 0
-    warmup_lr: float = 1e-5
-    min_lr: float = 0.0
+    name: str = option("any timm scheduler: multistep | cosine | step | plateau | ... | none", "multistep")
+    milestones: list[float] = option(
+        "multistep: fractions of training in (0, 1) where the lr decays", factory=lambda: [0.5, 0.75]
+    )
+    decay_rate: float = option("lr factor at each milestone", 0.1)
+    warmup_epochs: float = option("epochs of linear warm-up", 0.0)
+    warmup_lr: float = option("lr at the start of the warm-up", 1e-5)
+    min_lr: float = option("lower bound of the lr (cosine)", 0.0)
 
 
 @dataclass
 class TrainLoopConfig:
-    epochs: int = 10
-    label_smoothing: float = 0.0
-    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16: GPU, with loss scaling)
-    gradient_accumulation_steps: int = 1
-    seed: int = 0
+    epochs: int = option("epochs to train", 10)
+    label_smoothing: float = option("label smoothing of the cross-entropy, in [0, 1)", 0.0)
+    mixed_precision: str = option("no | bf16 | fp16 (fp16: GPU, with loss scaling)", "no")
+    gradient_accumulation_steps: int = option("batches per optimizer step", 1)
+    seed: int = option("seed of the model, data order, augmentation and (by default) the masks", 0)
 
 
-@dataclass
-class SparsityOptions:
-    method: str = "rigl"  # dense, or a registered method (static, set, rigl, snfs, unfired, ...)
-    density: float = 0.1
-    distribution: str = "erk"
-    update_interval: int = 100
-    prune_rate: float = 0.5
-    final_prune_rate: float = 0.005
-    prune_schedule: str = "cosine"
-    stop_fraction: float | None = None  # last topology update at this fraction of training (RigL: 0.75)
-    include: list[str] | None = None
-    exclude: list[str] | None = None
-    seed: int | None = None  # None: train.seed
+@dataclass(frozen=True)
+class SparsitySection(SparsityConfig):
+    """The recipe's ``sparsity:`` section: :class:`itop_timm.SparsityConfig` (unset fields take the
+    method's default, then the library's), plus what only the recipe knows. ``method: dense`` trains
+    without a sparsifier; ``total_steps`` and ``stop_step`` come from ``train.epochs`` and
+    ``stop_fraction``; ``seed`` defaults to ``train.seed``."""
+
+    #: library settings the recipe derives (from train.epochs and stop_fraction): not config keys
+    derived: ClassVar[tuple[str, ...]] = ("total_steps", "stop_step")
+
+    seed: int | None = option("seed of the initial masks and every random choice (null: train.seed)")
+    stop_fraction: float | None = option(
+        "last topology update at this fraction of training (RigL: 0.75; null: until the end)"
+    )
+
+    @property
+    def method_info(self) -> MethodInfo | None:
+        return None if self.dense else super().method_info
+
+    @property
+    def dense(self) -> bool:
+        return self.method.lower() == "dense"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in self.derived:
+            if getattr(self, key) is not None:
+                raise ValueError(
+                    f"sparsity.{key} is set by the recipe from train.epochs; use sparsity.stop_fraction instead"
+                )
+        if self.stop_fraction is not None and not 0 < self.stop_fraction <= 1:
+            raise ValueError(f"sparsity.stop_fraction must be in (0, 1], got {self.stop_fraction!r}")
+
+    def for_run(self, total_steps: int, seed: int) -> SparsityConfig:
+        """The library config of a run of ``total_steps`` optimizer steps, resolved and validated."""
+        values = self.library_fields()
+        values["total_steps"] = total_steps
+        if self.stop_fraction is not None:
+            values["stop_step"] = int(self.stop_fraction * total_steps)
+        if values["seed"] is None:
+            values["seed"] = seed
+        return SparsityConfig(**values).resolved()
 
 
 @dataclass
 class AveragingOptions:
-    enabled: bool = False
-    period_epochs: float = 1.0
-    sample_prob: float = 1.0
-    last_fraction: float = 1.0
-    bn_update_batches: int = 50  # batches used to re-estimate BatchNorm statistics after write-back
+    enabled: bool = option("periodic sampled weight averaging (PSWA / PWALKS)", False)
+    period_epochs: float = option("length of an averaging period, in epochs", 1.0)
+    sample_prob: float = option("probability that an iterate of the period is sampled (PWALKS q)", 1.0)
+    last_fraction: float = option("average only over this last fraction of each period", 1.0)
+    bn_update_batches: int = option("batches to re-estimate BatchNorm statistics after a write-back", 50)
 
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/default"
-    log_interval: int = 50  # optimizer steps between JSON log lines
-    checkpoint_interval: int = 500  # optimizer steps between checkpoints (0: only at epoch ends)
-    keep_checkpoints: int = 2
-    resume: str | None = None  # a checkpoint folder, or "latest" (in output_dir/checkpoints)
-    overwrite: bool = False  # allow a fresh run into an output_dir that already has checkpoints
-    tensorboard: bool = False
-    progress: bool = True
-    cpu: bool = False  # force the CPU even when a GPU is present
-    save_sparse: bool = True  # write the final sparse checkpoint (model.safetensors + sparsity.safetensors)
+    output_dir: str = option("folder of metrics, plots, checkpoints and the sparse model", "runs/default")
+    log_interval: int = option("optimizer steps between JSON log lines", 50)
+    checkpoint_interval: int = option("optimizer steps between checkpoints (0: only at epoch ends)", 500)
+    keep_checkpoints: int = option("training checkpoints kept", 2)
+    resume: str | None = option("a checkpoint folder, or latest (in output_dir/checkpoints)")
+    overwrite: bool = option("allow a fresh run into an output_dir that already has checkpoints", False)
+    tensorboard: bool = option("also log to TensorBoard (pip install itop-timm[tensorboard])", False)
+    progress: bool = option("show a progress bar", True)
+    cpu: bool = option("force the CPU even when a GPU is present", False)
+    save_sparse: bool = option(
+        "write the final sparse checkpoint (model.safetensors + sparsity.safetensors)", True
+    )
+    plugins: list[str] = option(
+        "modules imported before the config is resolved (they register methods, distributions, schedules)",
+        factory=list,
+    )
 
 
 @dataclass
@@ -144,12 +197,18 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
-    sparsity: SparsityOptions = field(default_factory=SparsityOptions)
+    sparsity: SparsitySection = field(default_factory=SparsitySection)
     averaging: AveragingOptions = field(default_factory=AveragingOptions)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain ``{section: {key: value}}`` (tuples as lists), as in a YAML config."""
+        out: dict[str, Any] = {}
+        for s in dataclasses.fields(self):
+            section = getattr(self, s.name)
+            values = {f.name: copy.deepcopy(getattr(section, f.name)) for f in _section_fields(type(section))}
+            out[s.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -160,8 +219,27 @@ class TrainConfig:
         return [
             f"{s.name}.{f.name}"
             for s in dataclasses.fields(cls)
-            for f in dataclasses.fields(s.default_factory())
+            for f in _section_fields(s.default_factory)
         ]
+
+    @classmethod
+    def describe_keys(cls) -> str:
+        """Every ``--section.key`` with its type, default and meaning (for ``--help``)."""
+        lines = []
+        for section in dataclasses.fields(cls):
+            section_cls = section.default_factory
+            lines.append(f"{section.name}:")
+            hints = typing.get_type_hints(section_cls)
+            for f in _section_fields(section_cls):
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                if "library_default" in f.metadata:
+                    shown = f"the method's, else {f.metadata['library_default']!r}"
+                else:
+                    shown = repr(default)
+                kind = _type_name(hints[f.name])
+                lines.append(f"  --{section.name}.{f.name} {kind} (default: {shown})")
+                lines.append(f"      {f.metadata.get('help', '')}")
+        return "\n".join(lines)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> TrainConfig:
@@ -169,6 +247,10 @@ class TrainConfig:
         if not isinstance(values, Mapping):
             raise ValueError(f"{source}: expected a mapping of sections, got {type(values).__name__}")
         sections = {f.name: f for f in dataclasses.fields(cls)}
+        run_values = values.get("run")
+        plugins = run_values.get("plugins") if isinstance(run_values, Mapping) else None
+        # plugins register methods, distributions and schedules: before any of those names is checked
+        load_plugins(_check_type("run.plugins", plugins or [], list[str]))
         unknown = [k for k in values if k not in sections]
         if unknown:
             raise ValueError(f"{source}: unknown section(s) {unknown}; valid sections: {list(sections)}")
@@ -178,7 +260,7 @@ class TrainConfig:
             given = values.get(name) or {}
             if not isinstance(given, Mapping):
                 raise ValueError(f"{source}: section {name!r} must be a mapping, got {given!r}")
-            known = {f.name: f for f in dataclasses.fields(section_cls)}
+            known = {f.name: f for f in _section_fields(section_cls)}
             bad = [k for k in given if k not in known]
             if bad:
                 hints = {k: difflib.get_close_matches(k, list(known), n=1) for k in bad}
@@ -222,10 +304,6 @@ class TrainConfig:
             (self.run.log_interval >= 1, "run.log_interval must be >= 1"),
             (self.run.checkpoint_interval >= 0, "run.checkpoint_interval must be >= 0"),
             (self.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1"),
-            (
-                self.sparsity.stop_fraction is None or 0 < self.sparsity.stop_fraction <= 1,
-                "sparsity.stop_fraction must be in (0, 1]",
-            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -233,7 +311,27 @@ class TrainConfig:
 
     @property
     def dense(self) -> bool:
-        return self.sparsity.method.lower() == "dense"
+        return self.sparsity.dense
+
+
+def _section_fields(section_cls: type) -> list[dataclasses.Field]:
+    """The config keys of a section: its dataclass fields, less those the recipe derives."""
+    derived = getattr(section_cls, "derived", ())
+    return [f for f in dataclasses.fields(section_cls) if f.name not in derived]
+
+
+def _type_name(annotation: Any) -> str:
+    """``int | None`` -> ``INT|null``, ``list[float]`` -> ``[FLOAT, ...]``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return "|".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(annotation))
+    if origin in (list, tuple):
+        return f"[{_type_name(typing.get_args(annotation)[0])}, ...]"
+    if origin is dict:
+        return "{KEY: VALUE}"
+    if annotation is Any:
+        return "VALUE"
+    return getattr(annotation, "__name__", str(annotation)).upper()
 
 
 def _field_type(section_cls: type, key: str) -> Any:
@@ -274,6 +372,11 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ValueError(f"{key} must be a string, got {value!r}")
+    if origin is tuple:
+        item = typing.get_args(annotation)[0]
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            return tuple(_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value))
+        raise ValueError(f"{key} must be a list, got {value!r}")
     if origin is list:
         (item,) = typing.get_args(annotation)
         if isinstance(value, Sequence) and not isinstance(value, str):

@@ -17,7 +17,6 @@ _logger = logging.getLogger("itop_timm.train")
 
 
 def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
-    keys = "\n".join(f"  --{k}" for k in TrainConfig.valid_keys())
     parser = argparse.ArgumentParser(
         prog=prog,
         description=(
@@ -25,7 +24,11 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
             "Run as `accelerate launch recipes/train.py --config recipes/configs/<name>.yaml [--section.key value ...]`,\n"
             "`python recipes/train.py ...` (one process) or `itop-timm train ...`."
         ),
-        epilog=f"config keys (YAML `section: {{key: value}}`, or overrides `--section.key value`):\n{keys}",
+        epilog=(
+            "config keys (YAML `section: {key: value}`, or overrides `--section.key value`; values are YAML,\n"
+            "e.g. `--sched.milestones [0.5,0.75]`, `--model.num_classes null`):\n"
+            + TrainConfig.describe_keys()
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML config file (recipes/configs/*.yaml); defaults if omitted")

@@ -1,0 +1,29 @@
+"""torch-pruning's dependency graph seen as plain tensor slices, one concept per module.
+
+* :mod:`.tracing` — run an example input and build the ``DependencyGraph``;
+* :mod:`.slices` — :class:`ChannelSlice`: a group item as positions of parameter tensors;
+* :mod:`.exactness` — whether removing a zero channel leaves the outputs unchanged;
+* :mod:`.classes` — channels that can only be removed together;
+* :mod:`.groups` — :class:`ChannelGroup` and the traced groups of a model.
+"""
+
+from .groups import ChannelGroup, ChannelTrace, TracedGroup, coupled_channel_groups, trace_channel_groups
+from .slices import ChannelSlice, channel_numel, group_item_slices, per_position
+from .tracing import build_graph, call_model, model_label, run_example, tracing_state
+
+__all__ = [
+    "ChannelGroup",
+    "ChannelSlice",
+    "ChannelTrace",
+    "TracedGroup",
+    "coupled_channel_groups",
+    "trace_channel_groups",
+    "group_item_slices",
+    "channel_numel",
+    "per_position",
+    "build_graph",
+    "call_model",
+    "model_label",
+    "run_example",
+    "tracing_state",
+]

@@ -1,0 +1,129 @@
+"""Tracing a model with torch-pruning: run an example input, build the ``DependencyGraph``.
+
+Everything here names the model (and, where known, the failing layer) in its errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["model_label", "classifier_modules", "call_model", "run_example", "tracing_state", "build_graph"]
+
+
+def model_label(model: nn.Module) -> str:
+    """The timm architecture name of ``model`` (``pretrained_cfg["architecture"]``) or its class name."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    return str(arch) if arch else type(model).__name__
+
+
+def classifier_modules(model: nn.Module) -> list[nn.Module]:
+    """The classifier layer(s) of a timm model (``model.get_classifier()``); ``[]`` for other models."""
+    get = getattr(model, "get_classifier", None)
+    if not callable(get):
+        return []
+    head = get()
+    heads = head if isinstance(head, (tuple, list)) else [head]
+    return [h for h in heads if isinstance(h, nn.Module)]
+
+
+def call_model(model: nn.Module, example_inputs: Any) -> Any:
+    """``model(x)`` for a tensor, ``model(*x)`` for a tuple/list, ``model(**x)`` for a dict."""
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def _describe(example_inputs: Any) -> str:
+    if isinstance(example_inputs, torch.Tensor):
+        return f"of shape {tuple(example_inputs.shape)}"
+    return f"({type(example_inputs).__name__})"
+
+
+def run_example(model: nn.Module, example_inputs: Any, called: list[nn.Module] | None = None) -> Any:
+    """Run ``example_inputs`` through ``model`` without gradients; returns the output, and appends the
+    modules that ran to ``called`` if given.
+
+    Raises:
+        ValueError: naming the model and the innermost layer that failed, if the forward pass fails.
+    """
+    stack: list[nn.Module] = []
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def enter(module: nn.Module, args: Any) -> None:
+        stack.append(module)
+        if called is not None:
+            called.append(module)
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        if stack:
+            stack.pop()
+
+    handles = []
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        with torch.no_grad():
+            return call_model(model, example_inputs)
+    except Exception as err:
+        failing = next((m for m in reversed(stack) if names.get(id(m))), None)
+        where = f" (layer {names[id(failing)]!r}, {type(failing).__name__})" if failing is not None else ""
+        raise ValueError(
+            f"the example input {_describe(example_inputs)} does not run through {model_label(model)}{where}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class tracing_state:
+    """Context manager: eval mode and ``requires_grad=True`` on every parameter (torch-pruning traces the
+    autograd graph), restoring each module's train/eval flag and each parameter's ``requires_grad`` (by
+    name, since pruning replaces parameter objects) on exit."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> nn.Module:
+        self._training = [(m, m.training) for m in self.model.modules()]
+        self._requires_grad = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        modes = {training for _, training in self._training}
+        if len(modes) == 1:  # the usual case: through train(), which some layers override
+            self.model.train(modes.pop())
+        else:
+            for module, training in self._training:
+                module.training = training
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(name, True))
+
+
+def build_graph(model: nn.Module, example_inputs: Any) -> Any:
+    """A torch-pruning ``DependencyGraph`` of ``model`` (call inside :class:`tracing_state`).
+
+    Raises:
+        ValueError: naming the model when torch-pruning cannot trace it.
+    """
+    import torch_pruning as tp
+
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs, forward_fn=call_model, verbose=False
+            )
+    except Exception as err:
+        raise ValueError(
+            f"torch-pruning cannot trace {model_label(model)}: {type(err).__name__}: {err}"
+        ) from err

@@ -1,0 +1,151 @@
+"""Builders of a training run's parts from its config: the timm model, data loaders, optimizer, learning-rate
+schedule, sparsifier and weight averager. Each is one call to the library it comes from."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..sparsifier import Sparsifier
+from .config import TrainConfig
+from .data import ImageClassificationDataset, build_transforms, make_loader
+
+__all__ = [
+    "create_model",
+    "build_loaders",
+    "build_optimizer",
+    "build_lr_schedule",
+    "build_sparsifier",
+    "build_averager",
+]
+
+
+def create_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
+    """``timm.create_model`` with the config's classes, channels and (for ViT-like models) resolution."""
+    import timm
+
+    kwargs = dict(cfg.model.kwargs)
+    common = {"pretrained": cfg.model.pretrained, "num_classes": num_classes, "in_chans": cfg.model.in_chans}
+    if "img_size" not in kwargs:
+        try:
+            return timm.create_model(cfg.model.name, img_size=cfg.model.img_size, **common, **kwargs)
+        except TypeError as err:
+            if "img_size" not in str(err):
+                raise
+    return timm.create_model(cfg.model.name, **common, **kwargs)
+
+
+def build_loaders(
+    cfg: TrainConfig, splits: Any, model: torch.nn.Module
+) -> tuple[ImageClassificationDataset, dict[str, Any]]:
+    """The training set (its augmentation is seeded per epoch) and the train/val/test(/bn) DataLoaders."""
+    train_tf, eval_tf = build_transforms(cfg.data, cfg.model, model)
+    mode = "L" if cfg.model.in_chans == 1 else "RGB"
+    seed, workers = cfg.train.seed, cfg.data.num_workers
+
+    def dataset(split: Any, transform: Any, augment_seed: int | None = None) -> ImageClassificationDataset:
+        return ImageClassificationDataset(
+            split, splits.image_column, splits.label_column, transform, mode, seed=augment_seed
+        )
+
+    train_set = dataset(splits.train, train_tf, seed)
+    loaders = {
+        "train": make_loader(train_set, cfg.data.batch_size, train=True, seed=seed, num_workers=workers)
+    }
+    for name in ("val", "test"):
+        split = getattr(splits, name)
+        if split is not None:
+            loaders[name] = make_loader(
+                dataset(split, eval_tf), cfg.data.eval_batch_size, train=False, seed=seed, num_workers=workers
+            )
+    if cfg.averaging.enabled and cfg.averaging.bn_update_batches:
+        # BatchNorm re-estimation after a weight-averaging write-back: training images, no augmentation
+        loaders["bn"] = make_loader(
+            dataset(splits.train, eval_tf), cfg.data.batch_size, train=False, seed=seed, num_workers=workers
+        )
+    return train_set, loaders
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """timm's ``create_optimizer_v2``; ``regularizer: coupled`` becomes a group LASSO over torch-pruning's
+    removable channel groups (RMDA / ProxSGD)."""
+    from timm.optim import create_optimizer_v2
+
+    kwargs = dict(cfg.optim.kwargs)
+    if kwargs.get("regularizer") == "coupled":
+        from ..structured import GroupLasso
+
+        example = torch.zeros(1, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
+        kwargs["regularizer"] = GroupLasso.coupled(model, example)
+    return create_optimizer_v2(
+        model,
+        cfg.optim.opt,
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        momentum=cfg.optim.momentum,
+        **kwargs,
+    )
+
+
+def build_lr_schedule(
+    cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total_steps: int
+) -> tuple[Any, Any]:
+    """(timm scheduler stepped per optimizer step, or RMDA's milestone stages), either may be None."""
+    from timm.scheduler import create_scheduler_v2
+
+    name = cfg.sched.name.lower()
+    if cfg.optim.opt.lower() == "rmda":
+        if name != "multistep":
+            return None, None
+        from ..structured import RMDAStages  # the paper's stages: lr x decay, c / decay, restart
+
+        milestones = [max(1, round(m * total_steps)) for m in cfg.sched.milestones]
+        return None, RMDAStages(optimizer, milestones, gamma=cfg.sched.decay_rate)
+    if name == "none":
+        return None, None
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=cfg.sched.name,
+        num_epochs=cfg.train.epochs,
+        decay_milestones=[m * cfg.train.epochs for m in cfg.sched.milestones],
+        decay_rate=cfg.sched.decay_rate,
+        warmup_epochs=cfg.sched.warmup_epochs,
+        warmup_lr=cfg.sched.warmup_lr,
+        min_lr=cfg.sched.min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
+    )
+    return scheduler, None
+
+
+def build_sparsifier(
+    cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, total_steps: int
+) -> Sparsifier | None:
+    """The run's :class:`~itop_timm.Sparsifier` (``None`` for ``sparsity.method: dense``)."""
+    if cfg.dense:
+        return None
+    return Sparsifier(model, optimizer, cfg.sparsity.for_run(total_steps, cfg.train.seed))
+
+
+def build_averager(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    optimizer: Any,
+    sparsifier: Sparsifier | None,
+    steps_per_epoch: int,
+) -> Any:
+    """Periodic sampled weight averaging as configured (``None`` when ``averaging.enabled`` is false)."""
+    if not cfg.averaging.enabled:
+        return None
+    from ..averaging import PeriodicWeightAveraging
+
+    return PeriodicWeightAveraging(
+        model,
+        optimizer,
+        period_steps=max(1, round(cfg.averaging.period_epochs * steps_per_epoch)),
+        sample_prob=cfg.averaging.sample_prob,
+        last_fraction=cfg.averaging.last_fraction,
+        sparsifier=sparsifier,
+        seed=cfg.train.seed,
+    )

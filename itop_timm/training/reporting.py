@@ -1,0 +1,139 @@
+"""What a run reports: evaluation, the JSON-lines metrics log, the masks' cross-rank check, and the
+files written at the end (plots, the sparse checkpoint, ``summary.json``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import plots
+from ..distributed import all_ranks_agree, masks_fingerprint
+from ..serialization import atomic_write_text
+from ..sparsifier import Sparsifier
+from .config import TrainConfig
+from .data import resolve_data_config
+
+__all__ = ["evaluate", "MetricsLog", "check_masks_identical", "write_outputs"]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean loss over ``loader`` (all processes)."""
+    model.eval()
+    correct1 = correct5 = loss_sum = 0.0
+    count = 0
+    for x, y in loader:
+        logits = model(x).float()
+        loss = F.cross_entropy(logits, y, reduction="none")
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top == y[:, None]
+        loss, hit1, hit5, y = accelerator.gather_for_metrics((loss, hit[:, 0], hit.any(dim=1), y))
+        loss_sum += float(loss.sum())
+        correct1 += float(hit1.sum())
+        correct5 += float(hit5.sum())
+        count += y.numel()
+    model.train()
+    count = max(count, 1)
+    return {
+        "top1": 100.0 * correct1 / count,
+        "top5": 100.0 * correct5 / count,
+        "loss": loss_sum / count,
+        "samples": count,
+    }
+
+
+class MetricsLog:
+    """One JSON object per line in ``metrics.jsonl`` (main process only)."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
+        self.path = path
+        self.enabled = enabled
+        if enabled and resume_step is not None and path.exists():
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line and json.loads(line).get("step", 0) <= resume_step
+            ]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+        elif enabled and resume_step is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+
+def check_masks_identical(sparsifier: Sparsifier, step: int) -> int:
+    """All-gather a hash of the masks; stop with an error unless every rank holds the same masks."""
+    masks = list(sparsifier.masks.values())
+    agree, values = all_ranks_agree(masks_fingerprint(masks), masks[0])
+    if not agree:
+        raise RuntimeError(
+            f"masks differ between ranks after the topology update at step {step}: fingerprints {values}"
+        )
+    return values[0]
+
+
+def write_outputs(
+    cfg: TrainConfig,
+    output: Path,
+    model: torch.nn.Module,
+    sparsifier: Sparsifier | None,
+    itop_history: list[dict[str, Any]],
+    log: MetricsLog,
+    summary: dict[str, Any],
+    class_names: list[str],
+) -> None:
+    records = log.records()
+    plots.plot_learning_curves(
+        [r for r in records if r.get("event") == "train"],
+        [r for r in records if r.get("event") == "eval"],
+        output / "plots" / "learning_curves.png",
+        title=f"{cfg.model.name} {cfg.sparsity.method}",
+    )
+    if sparsifier is not None:
+        history = [{"step": 0, "itop_rate": sparsifier.density}, *itop_history]
+        plots.plot_itop_rate(
+            history,
+            output / "plots" / "itop_rate.png",
+            density=sparsifier.density,
+            title=f"R_s: {cfg.model.name} {cfg.sparsity.method} d={cfg.sparsity.density}",
+        )
+        plots.plot_layer_densities(
+            sparsifier.layer_densities(),
+            output / "plots" / "layer_density.png",
+            itop_rates=sparsifier.layer_itop_rates(),
+            target=sparsifier.target_densities,
+        )
+    if cfg.run.save_sparse:
+        from ..checkpoint import save_sparse
+
+        metrics = {
+            k: summary[k]
+            for k in ("test_top1_last", "test_top5_last", "best_val_top1")
+            if summary.get(k) is not None
+        }
+        save_sparse(
+            model,
+            sparsifier,
+            output / "model",
+            model_name=cfg.model.name,
+            metrics=metrics,
+            dataset=cfg.data.dataset,
+            label_names=class_names,
+            data_config=resolve_data_config(cfg.data, cfg.model, model),
+        )
+    atomic_write_text(output / "summary.json", json.dumps(summary, indent=2))

@@ -1,0 +1,98 @@
+"""``python -m itop_timm.timm_train`` / ``itop-timm timm-train`` run a timm-train.py-like script unchanged
+with the sparse optimizers registered: one process, a resume from its checkpoint, and 2 ranks under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).with_name("timm_train_like.py")
+SPARSE_ARGS = ["--opt", "rigl_sgd", "--opt-kwargs", "density=0.2", "total_steps=20", "update_interval=2"]
+
+
+def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def report(folder: Path, rank: int = 0) -> dict:
+    return json.loads((folder / f"rank{rank}.json").read_text())
+
+
+def test_the_script_alone_cannot_build_a_sparse_optimizer(tmp_path):
+    out = run([sys.executable, str(SCRIPT), *SPARSE_ARGS, "--output", str(tmp_path)])
+    assert out.returncode != 0
+    assert "unexpected keyword argument 'density'" in out.stderr  # why the runner exists
+
+
+def test_runner_trains_sparse_and_the_checkpoint_resumes_the_masks(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    out = run(
+        [sys.executable, "-m", "itop_timm.timm_train", str(SCRIPT), *SPARSE_ARGS, "--output", str(first)]
+    )
+    assert out.returncode == 0, out.stderr
+    r = report(first)
+    assert r["optimizer"] == "SGD" and r["step"] == 4 and r["update_interval"] == 2
+    assert r["density"] == pytest.approx(0.2, abs=1e-3) and r["itop_rate"] > r["density"]
+    state = torch.load(first / "last.pth", weights_only=True)["optimizer"]["itop_timm"]  # no pickle needed
+    assert state["step"] == 4
+    # the CLI spelling, resuming from the script's own checkpoint: masks, step and union continue
+    out = run(
+        [
+            sys.executable,
+            "-m",
+            "itop_timm.cli",
+            "timm-train",
+            str(SCRIPT),
+            *SPARSE_ARGS,
+            "--resume",
+            str(first / "last.pth"),
+            "--steps",
+            "1",
+            "--output",
+            str(second),
+        ]
+    )
+    assert out.returncode == 0, out.stderr
+    resumed = report(second)
+    assert resumed["step"] == 5 and resumed["itop_rate"] >= r["itop_rate"]
+    from itop_timm.distributed import masks_fingerprint
+
+    assert masks_fingerprint(list(state["masks"].values())) == r["fingerprint"]
+    assert resumed["fingerprint"] == r["fingerprint"]  # no topology update at step 5 (odd)
+
+
+def test_runner_under_torchrun_two_ranks_hold_identical_masks(tmp_path):
+    out = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "0",
+            "-m",
+            "itop_timm.timm_train",
+            str(SCRIPT),
+            *SPARSE_ARGS,
+            "--output",
+            str(tmp_path),
+        ]
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    r0, r1 = report(tmp_path, 0), report(tmp_path, 1)
+    assert r0["step"] == r1["step"] == 4
+    assert r0["fingerprint"] == r1["fingerprint"] and r0["itop_rate"] == r1["itop_rate"] > 0.2
+
+
+def test_runner_rejects_a_missing_script(tmp_path):
+    out = run([sys.executable, "-m", "itop_timm.timm_train", str(tmp_path / "train.py")])
+    assert out.returncode == 2 and "not found" in out.stderr
