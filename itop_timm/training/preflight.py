@@ -86,8 +86,9 @@ def preflight(cfg: TrainConfig) -> tuple[Path | None, Any]:
         except (TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"timm cannot build {cfg.model.name!r} with this config: {err}") from err
     if not cfg.dense and not sparse_parameter_shapes(probe, cfg.sparsity.include, cfg.sparsity.exclude):
+        sections = cfg.to_dict()["sparsity"]  # patterns as lists, as in the YAML
         raise ValueError(
-            f"no sparse tensor in {cfg.model.name} matches sparsity.include={cfg.sparsity.include} "
-            f"minus sparsity.exclude={cfg.sparsity.exclude}"
+            f"no sparse tensor in {cfg.model.name} matches sparsity.include={sections['include']} "
+            f"minus sparsity.exclude={sections['exclude']}"
         )
     return resume, splits
