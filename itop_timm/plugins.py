@@ -36,7 +36,9 @@ def _import(module: object, source: str) -> None:
     try:
         importlib.import_module(module)
     except Exception as err:
-        raise ValueError(f"{source}: cannot import plugin module {module!r} ({type(err).__name__}: {err})") from err
+        raise ValueError(
+            f"{source}: cannot import plugin module {module!r} ({type(err).__name__}: {err})"
+        ) from err
 
 
 def load_plugins(modules: Iterable[str] = (), *, installed: bool = True) -> list[str]:

@@ -125,7 +125,7 @@ class Sparsifier:
 
         self._generator = torch.Generator().manual_seed(config.seed)
         if masks is not None:
-            initial = {n: m.to('cpu').clone() for n, m in validate_masks(masks, shapes).items()}
+            initial = {n: m.to("cpu").clone() for n, m in validate_masks(masks, shapes).items()}
             counts = {name: int(m.sum()) for name, m in initial.items()}
             self.target_densities = {name: counts[name] / m.numel() for name, m in initial.items()}
             # the given masks define the density (the `density` argument is not used)
@@ -155,7 +155,9 @@ class Sparsifier:
         )
         self.step = 0
         self.last_update: dict[str, Any] | None = None
-        self._update_hooks: OrderedDict[int, UpdateHook] = OrderedDict()  # weak-referenceable for RemovableHandle
+        self._update_hooks: OrderedDict[int, UpdateHook] = (
+            OrderedDict()
+        )  # weak-referenceable for RemovableHandle
         self.apply_masks()
         self._handles = [self.optimizer.register_step_post_hook(self._after_optimizer_step)]
         _logger.info(

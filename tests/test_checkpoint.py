@@ -169,7 +169,9 @@ def test_dense_model_and_plain_masks(tmp_path):
 
 def test_bad_masks_are_rejected_before_writing(tmp_path):
     model = timm.create_model("resnet10t", num_classes=10)
-    with pytest.raises(ValueError, match=r"masks\['fc.weight'\] has shape \(3, 3\), but the parameter has shape \(10, 512\)"):
+    with pytest.raises(
+        ValueError, match=r"masks\['fc.weight'\] has shape \(3, 3\), but the parameter has shape \(10, 512\)"
+    ):
         save_sparse(model, {"fc.weight": torch.ones(3, 3, dtype=torch.bool)}, tmp_path / "x")
     with pytest.raises(ValueError, match=r"masks \['nope.weight'\] name no parameter"):
         save_sparse(model, {"nope.weight": torch.ones(3, dtype=torch.bool)}, tmp_path / "x")

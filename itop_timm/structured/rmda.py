@@ -57,13 +57,13 @@ def _validate(
         )
 
 
-
 def _closure_loss(closure: Any) -> Any:
     """The loss of ``optimizer.step(closure)`` (``None`` without a closure), computed with gradients on."""
     if closure is None:
         return None
     with torch.enable_grad():
         return closure()
+
 
 class _ProximalOptimizer(torch.optim.Optimizer):
     """Shared plumbing: a regulariser over (some of) the parameters, group-sparsity metrics."""

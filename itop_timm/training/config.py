@@ -217,9 +217,7 @@ class TrainConfig:
     def valid_keys(cls) -> list[str]:
         """Every ``section.key`` a config may set."""
         return [
-            f"{s.name}.{f.name}"
-            for s in dataclasses.fields(cls)
-            for f in _section_fields(s.default_factory)
+            f"{s.name}.{f.name}" for s in dataclasses.fields(cls) for f in _section_fields(s.default_factory)
         ]
 
     @classmethod
