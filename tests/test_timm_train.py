@@ -75,10 +75,9 @@ def test_runner_under_torchrun_two_ranks_hold_identical_masks(tmp_path):
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",  # a free port of its own
             "--nproc_per_node",
             "2",
-            "--master_port",
-            "0",
             "-m",
             "itop_timm.timm_train",
             str(SCRIPT),
