@@ -10,7 +10,7 @@
 * ``sparsity.safetensors`` — bit-packed masks and union (R_s) masks, and in its header a JSON record:
   method, target and realised density, per-layer densities, R_s, step, versions, the timm
   architecture and its arguments, and a SHA-256 of every model tensor;
-* ``config.json`` — timm's Hub config (written by ``timm.models.save_for_hf``);
+* ``config.json`` — timm's Hub config (written by timm's ``save_config_for_hf``);
 * ``README.md`` — a model card.
 
 ``load_sparse`` reads only safetensors and JSON, and checks that names, shapes, dtypes, hashes,
@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
+from .distributed import full_state_dict, full_tensor, is_main_rank, is_sharded
 from .masks import validate_masks
 from .registry import Registry
 from .serialization import CheckpointError, atomic_directory, read_safetensors
@@ -169,7 +170,9 @@ def _collect_masks(
             "sparsity_config": source.config.to_dict(),
             "target_layer_densities": dict(source.target_densities),
         }
-        masks, union = dict(source.masks), source.ever_active
+        # full masks (a sharded run gathers them: every rank calls save_sparse)
+        masks = {name: full_tensor(m) for name, m in source.masks.items()}
+        union = {name: full_tensor(m) for name, m in source.ever_active.items()}
     elif isinstance(source, SparseState):
         masks = dict(source.masks)
         union = dict(source.ever_active) if source.ever_active is not None else None
@@ -270,7 +273,9 @@ def save_sparse(
     """Write a sparse checkpoint folder (see the module docstring); returns its path.
 
     Args:
-        model: the (timm) model; DDP / compile wrappers are unwrapped.
+        model: the (timm) model; DDP / compile wrappers are unwrapped. A sharded (FSDP2) model: call
+            ``save_sparse`` on every rank; the tensors are gathered and rank 0 writes the same folder as
+            an unsharded run (the other ranks return once it is complete).
         sparsifier_or_masks: a :class:`Sparsifier` (masks, union, method, R_s...), a :class:`SparseState`,
             a ``{name: bool mask}`` mapping, or ``None`` for a dense model.
         directory: target folder; an existing checkpoint there is replaced only once the new one is complete.
@@ -284,8 +289,6 @@ def save_sparse(
         data_config: the preprocessing the model was trained with (``input_size``, ``mean``, ``std``,
             ``crop_pct``, ``interpolation``), stored in ``config.json``'s ``pretrained_cfg``.
     """
-    from timm.models import save_for_hf
-
     import itop_timm
 
     model = unwrap_model(model)
@@ -297,7 +300,7 @@ def save_sparse(
     except TypeError as err:
         raise ValueError(f"extra_metadata and metrics must be JSON-serialisable ({err})") from err
 
-    state = model.state_dict()
+    state = full_state_dict(model)  # sharded tensors gathered, one at a time
     dense: dict[str, torch.Tensor] = {}
     zeroed = 0
     for name, tensor in state.items():
@@ -342,18 +345,45 @@ def save_sparse(
         meta[_ARCHITECTURE_KEY] = history
 
     directory = Path(directory)
+    if not is_sharded(model):
+        _write_folder(directory, model, dense, masks, union, meta, compact, label_names, data_config)
+    else:  # every rank is here: rank 0 writes, the others wait until it is done
+        try:
+            if is_main_rank():
+                _write_folder(directory, model, dense, masks, union, meta, compact, label_names, data_config)
+        finally:
+            torch.distributed.barrier()
+    _logger.info(
+        "saved sparse checkpoint (%s, density %.4f) to %s", meta["method"], meta["density"], directory
+    )
+    return directory
+
+
+def _write_folder(
+    directory: Path,
+    model: nn.Module,
+    dense: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+    union: Mapping[str, torch.Tensor] | None,
+    meta: dict[str, Any],
+    compact: bool,
+    label_names: list[str] | None,
+    data_config: Mapping[str, Any] | None,
+) -> None:
+    """Write the checkpoint folder atomically from gathered (full, CPU) tensors."""
+    from timm.models._hub import save_config_for_hf
+
     _recover_interrupted_save(directory)
     with atomic_directory(directory) as tmp:
-        # timm writes config.json (architecture, num_classes, model_args, pretrained_cfg) and its own
-        # weights file, which is then replaced by the masked copy (exact +0.0 off-mask) or the compact form
-        save_for_hf(
+        # timm writes config.json (architecture, num_classes, model_args, pretrained_cfg); the weights
+        # are the masked copy (exact +0.0 off-mask) or the compact form
+        save_config_for_hf(
             model,
-            str(tmp),
+            str(tmp / CONFIG_FILE),
             model_config={"label_names": list(label_names)} if label_names else None,
-            safe_serialization=True,
             data_config=dict(data_config) if data_config else None,
         )
-        (tmp / WEIGHTS_FILE).unlink()
+        history = meta.get(_ARCHITECTURE_KEY)
         sparsity_blob = None
         if masks or compact or history is not None:
             sparsity: dict[str, torch.Tensor] = {f"{_MASK}{n}": pack_mask(m) for n, m in masks.items()}
@@ -373,11 +403,7 @@ def save_sparse(
             (tmp / COMPACT_WEIGHTS_FILE).write_bytes(safetensors_save(packed, metadata=header))
         else:
             (tmp / WEIGHTS_FILE).write_bytes(safetensors_save(dense, metadata=header))
-        (tmp / CARD_FILE).write_text(_model_card(meta, f"<user>/{arch}-sparse", compact))
-    _logger.info(
-        "saved sparse checkpoint (%s, density %.4f) to %s", meta["method"], meta["density"], directory
-    )
-    return directory
+        (tmp / CARD_FILE).write_text(_model_card(meta, f"<user>/{meta['architecture']}-sparse", compact))
 
 
 def _recover_interrupted_save(directory: Path) -> Path:

@@ -14,15 +14,21 @@ Steps the optimizer skips (AMP ``GradScaler`` overflow, Accelerate gradient accu
 the hook, so only real optimizer steps are counted. All randomness comes from one seeded CPU
 ``torch.Generator``; in a process group rank 0's masks are broadcast after initialisation and after
 every update, so every rank holds identical masks.
+
+Sharded models (FSDP2, ``fully_shard``): masks, union masks and gradient EMAs are DTensors sharded
+like their parameters; the step hook works on local shards only (no communication), and the topology
+update gathers one layer's weight, gradient and masks at a time, decides on the full tensors exactly as
+unsharded, and keeps this rank's shard (see :mod:`itop_timm.distributed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -31,7 +37,15 @@ from torch.utils.hooks import RemovableHandle
 
 from .config import SPARSIFY_DEFAULTS, SparsityConfig
 from .densities import active_counts, compute_layer_densities, sparse_parameter_shapes
-from .distributed import all_finite, broadcast_masks
+from .distributed import (
+    all_finite,
+    broadcast_masks,
+    check_supported_wrapping,
+    full_tensor,
+    global_counts,
+    local,
+    shard_like,
+)
 from .masks import validate_masks
 from .methods import LayerView, MethodInfo, get_method
 from .schedules import create_schedule
@@ -99,6 +113,7 @@ class Sparsifier:
         config: SparsityConfig,
         masks: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
+        check_supported_wrapping(model, optimizer)
         self.model = unwrap_model(model)
         self.optimizer = unwrap_optimizer(optimizer)
         if not isinstance(self.optimizer, torch.optim.Optimizer):
@@ -147,6 +162,7 @@ class Sparsifier:
             name: initial[name].to(p.device) for name, p in self._params.items()
         }
         broadcast_masks(list(self.masks.values()))
+        self.masks = {name: shard_like(m, self._params[name]) for name, m in self.masks.items()}
         self._ever_active: dict[str, torch.Tensor] = {name: m.clone() for name, m in self.masks.items()}
         self._grad_ema: dict[str, torch.Tensor] | None = (
             {name: torch.zeros_like(p, dtype=torch.float32) for name, p in self._params.items()}
@@ -158,6 +174,7 @@ class Sparsifier:
         self._update_hooks: OrderedDict[int, UpdateHook] = (
             OrderedDict()
         )  # weak-referenceable for RemovableHandle
+        self._paused = False
         self.apply_masks()
         self._handles = [self.optimizer.register_step_post_hook(self._after_optimizer_step)]
         _logger.info(
@@ -193,16 +210,18 @@ class Sparsifier:
         tensors: list[torch.Tensor] = []
         masks: list[torch.Tensor] = []
         for name, p in self._params.items():
-            mask = self.masks[name]
-            tensors.append(p)
+            mask = local(self.masks[name])  # sharded: this rank's shards only, no communication
+            tensors.append(local(p))
             masks.append(mask)
             for value in self.optimizer.state.get(p, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == p.shape:
-                    tensors.append(value)
+                    tensors.append(local(value))
                     masks.append(mask)
         torch._foreach_mul_(tensors, masks)
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._paused:
+            return
         self.step += 1
         self.apply_masks()
         if self._grad_ema is not None:
@@ -215,8 +234,8 @@ class Sparsifier:
         emas, grads = [], []
         for name, p in self._params.items():
             if p.grad is not None:
-                emas.append(self._grad_ema[name])
-                grads.append(p.grad.to(torch.float32))
+                emas.append(local(self._grad_ema[name]))
+                grads.append(local(p.grad).to(torch.float32))
         if emas:
             torch._foreach_lerp_(emas, grads, 1.0 - float(self.method.grad_ema_beta))
 
@@ -252,39 +271,31 @@ class Sparsifier:
         dropped: dict[str, int] = {}
         changed: dict[str, torch.Tensor] = {}
         for name, p in self._params.items():
-            mask = self.masks[name]
+            # one layer at a time on full tensors (sharded: gathered here, identical on every rank)
+            mask = full_tensor(self.masks[name])
+            weight, grad, union = full_tensor(p), full_tensor(p.grad), full_tensor(self._ever_active[name])
+            grad_ema = full_tensor(self._grad_ema_of(name))
             flat_mask = mask.view(-1)
             active_idx = flat_mask.nonzero().squeeze(1)  # host sync once per layer and update, never per step
             active = active_idx.numel()
             k = min(math.ceil(rate * active), active, flat_mask.numel() - active)
             if k <= 0:
                 continue
-            view = LayerView(
-                name, p, p.grad, mask, self._ever_active[name], self._grad_ema_of(name), self._generator
-            )
+            view = LayerView(name, weight, grad, mask, union, grad_ema, self._generator)
             drop = (
                 self.method.drop_score(view).reshape(-1)[active_idx].float()
             )  # rank the active weights only
             new_mask = flat_mask.clone()
             new_mask[active_idx[torch.topk(drop, k, largest=False, sorted=False).indices]] = False
-            view = LayerView(
-                name,
-                p,
-                p.grad,
-                new_mask.view(mask.shape),
-                self._ever_active[name],
-                self._grad_ema_of(name),
-                self._generator,
-            )
+            view = LayerView(name, weight, grad, new_mask.view(mask.shape), union, grad_ema, self._generator)
             grow = self.method.grow_score(view).reshape(-1).float()
             grow = torch.where(new_mask, grow.new_full((), -math.inf), grow)  # candidates: inactive positions
             new_mask[torch.topk(grow, k, sorted=False).indices] = True
             changed[name] = (flat_mask & ~new_mask).sum()
             flat_mask.copy_(new_mask)
+            broadcast_masks([mask])  # rank 0's decision, layer by layer
+            self._store(name, mask)
             dropped[name] = k
-        broadcast_masks(list(self.masks.values()))
-        for name, mask in self.masks.items():
-            self._ever_active[name] |= mask
         self.apply_masks()
         moved = {name: int(v) for name, v in changed.items()}
         self.last_update = {
@@ -319,6 +330,13 @@ class Sparsifier:
         for hook in list(self._update_hooks.values()):
             hook(self, self.last_update)
 
+    def _store(self, name: str, full_mask: torch.Tensor) -> None:
+        """Write a layer's new full mask into its (possibly sharded) mask and add it to the union."""
+        mask = self.masks[name]
+        if full_mask is not mask:
+            local(mask).copy_(local(shard_like(full_mask, mask)))
+        local(self._ever_active[name]).logical_or_(local(mask))
+
     def _grad_ema_of(self, name: str) -> torch.Tensor | None:
         return None if self._grad_ema is None else self._grad_ema[name]
 
@@ -329,7 +347,7 @@ class Sparsifier:
         return sum(m.numel() for m in self.masks.values())
 
     def _count(self, masks: Iterable[torch.Tensor]) -> int:
-        return sum(int(m.sum()) for m in masks)
+        return sum(global_counts(list(masks)))
 
     @property
     def density(self) -> float:
@@ -348,13 +366,27 @@ class Sparsifier:
 
     def layer_densities(self) -> dict[str, float]:
         """Realised density of every sparse tensor."""
-        return {name: int(m.sum()) / m.numel() for name, m in self.masks.items()}
+        return _densities(self.masks)
 
     def layer_itop_rates(self) -> dict[str, float]:
         """R_s of every sparse tensor."""
-        return {name: int(m.sum()) / m.numel() for name, m in self._ever_active.items()}
+        return _densities(self._ever_active)
 
     # ---------------------------------------------------------- lifecycle
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Optimizer steps taken inside are not training steps: not counted, no masks, no update.
+
+        Needed around ``torch.distributed.checkpoint.state_dict``'s optimizer calls (Accelerate's FSDP
+        ``save_state`` / ``load_state``): with no optimizer state yet they call ``optimizer.step()``
+        once with zero gradients and learning rate 0 to create it.
+        """
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
     def remove(self) -> None:
         """Detach the optimizer hooks (the masks stay as they are)."""
         for handle in self._handles:
@@ -385,21 +417,23 @@ class Sparsifier:
         """Everything needed to continue bit-for-bit: masks, union, step, RNG state, gradient EMA.
 
         Holds only tensors, numbers, strings, lists and dicts (loadable with ``weights_only=True``).
+        Tensors are full and on the CPU; for a sharded model every rank must call this (it gathers).
         """
         state: dict[str, Any] = {
             "format": STATE_FORMAT,
             "config": self.config.to_dict(),
             "step": self.step,
-            "masks": {name: m.detach().cpu().clone() for name, m in self.masks.items()},
-            "ever_active": {name: m.detach().cpu().clone() for name, m in self._ever_active.items()},
+            "masks": {name: _full_cpu(m) for name, m in self.masks.items()},
+            "ever_active": {name: _full_cpu(m) for name, m in self._ever_active.items()},
             "generator_state": self._generator.get_state(),
         }
         if self._grad_ema is not None:
-            state["grad_ema"] = {name: t.detach().cpu().clone() for name, t in self._grad_ema.items()}
+            state["grad_ema"] = {name: _full_cpu(t) for name, t in self._grad_ema.items()}
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; validates everything before changing anything."""
+        """Restore :meth:`state_dict` output (full tensors, sharded here like the parameters);
+        validates everything before changing anything."""
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not an itop_timm sparsifier state (expected format {STATE_FORMAT!r})")
         shapes = {name: tuple(p.shape) for name, p in self._params.items()}
@@ -432,10 +466,10 @@ class Sparsifier:
             _logger.warning("loading sparsifier state saved with different settings: %s", differing)
         # -- validated: apply --
         for name, p in self._params.items():
-            self.masks[name] = masks[name].to(p.device)
-            self._ever_active[name] = union[name].to(p.device)
+            self.masks[name] = shard_like(masks[name], p)
+            self._ever_active[name] = shard_like(union[name], p)
             if self._grad_ema is not None:
-                self._grad_ema[name] = ema[name].to(p.device, torch.float32)
+                self._grad_ema[name] = shard_like(ema[name].to(torch.float32), p)
         self.step = step
         self._generator.set_state(rng)
         self.apply_masks()
@@ -445,6 +479,17 @@ class Sparsifier:
             f"Sparsifier(method={self.method.name!r}, tensors={len(self.masks)}, density={self.density:.4f}, "
             f"itop_rate={self.itop_rate:.4f}, step={self.step})"
         )
+
+
+def _full_cpu(t: torch.Tensor) -> torch.Tensor:
+    """A whole CPU copy of ``t`` (gathered if sharded)."""
+    return full_tensor(t.detach()).cpu().clone()
+
+
+def _densities(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Fraction of ``True`` values of every (full) mask."""
+    counts = global_counts(list(masks.values()))
+    return {name: c / m.numel() for (name, m), c in zip(masks.items(), counts, strict=True)}
 
 
 def sparsify(
