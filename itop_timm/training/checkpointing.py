@@ -98,10 +98,9 @@ def register_state_hooks(accelerator: Any, objects: Mapping[str, Stateful]) -> N
     """Save/load ``objects`` with every ``accelerator.save_state`` / ``load_state`` (safetensors + JSON)."""
 
     def save_hook(models: Any, weights: Any, output_dir: str) -> None:
+        state = {name: obj.state_dict() for name, obj in objects.items()}  # every rank: sharded masks gather
         if accelerator.is_main_process:
-            save_state_file(
-                Path(output_dir) / STATE_FILE, {name: obj.state_dict() for name, obj in objects.items()}
-            )
+            save_state_file(Path(output_dir) / STATE_FILE, state)
 
     def load_hook(models: Any, input_dir: str) -> None:
         state = load_state_file(Path(input_dir) / STATE_FILE)

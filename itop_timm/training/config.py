@@ -115,6 +115,9 @@ class TrainLoopConfig:
     mixed_precision: str = option("no | bf16 | fp16 (fp16: GPU, with loss scaling)", "no")
     gradient_accumulation_steps: int = option("batches per optimizer step", 1)
     seed: int = option("seed of the model, data order, augmentation and (by default) the masks", 0)
+    fsdp: bool = option(
+        "shard the model with FSDP2 (Accelerate's FSDP plugin, version 2, one unit per timm block)", False
+    )
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ the sparse checkpoint, summary.json).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
@@ -20,7 +21,9 @@ from typing import Any
 
 import torch
 
+from ..distributed import full_state_dict, is_sharded, load_full_state_dict
 from ..serialization import atomic_write_text
+from ..sparsifier import Sparsifier
 from .builders import (
     build_averager,
     build_loaders,
@@ -31,6 +34,7 @@ from .builders import (
 )
 from .checkpointing import checkpoint_dir, register_state_hooks, remove_stale_temporaries, save_checkpoint
 from .config import TrainConfig
+from .fsdp import enable_fsdp_on_cpu, fsdp_plugin
 from .preflight import InputError, preflight
 from .reporting import MetricsLog, check_masks_identical, evaluate, write_outputs
 
@@ -62,6 +66,12 @@ class TrainState:
             setattr(self, key, state[key])
 
 
+def _not_training(sparsifier: Sparsifier | None) -> contextlib.AbstractContextManager:
+    """Optimizer steps in here (FSDP state (de)serialisation initialises optimizer state with a zero
+    step) are not training steps for the sparsifier."""
+    return sparsifier.paused() if sparsifier is not None else contextlib.nullcontext()
+
+
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train as configured; returns the summary (also written to ``<output_dir>/summary.json``)."""
     from accelerate import Accelerator
@@ -73,7 +83,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     except ValueError as err:
         raise InputError(str(err)) from err
     output = Path(cfg.run.output_dir)
+    num_classes = cfg.model.num_classes or splits.num_classes
+    plugin = None
+    if cfg.train.fsdp:
+        with torch.device("meta"):  # only the module classes are read
+            plugin = fsdp_plugin(create_model(cfg, num_classes))
     accelerator = Accelerator(
+        fsdp_plugin=plugin,
         # without a GPU, Accelerate only sets up multi-process (gloo) training when told it runs on the CPU
         cpu=cfg.run.cpu or not torch.cuda.is_available(),
         mixed_precision=cfg.train.mixed_precision,
@@ -81,6 +97,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         log_with="tensorboard" if cfg.run.tensorboard else None,
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "tensorboard")),
     )
+    if plugin is not None:
+        enable_fsdp_on_cpu(accelerator, plugin)
     main = accelerator.is_main_process
     if main:
         output.mkdir(parents=True, exist_ok=True)
@@ -92,7 +110,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     set_seed(cfg.train.seed)
 
-    num_classes = cfg.model.num_classes or splits.num_classes
     model = create_model(cfg, num_classes)
     train_set, loaders = build_loaders(cfg, splits, model)
     optimizer = build_optimizer(cfg, model)
@@ -120,7 +137,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         stateful["rmda_stages"] = stages
     register_state_hooks(accelerator, stateful)
     if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
+        with _not_training(sparsifier):
+            accelerator.load_state(str(resume_dir))
         _logger.info(
             "resumed from %s at step %d (epoch %d, batch %d)",
             resume_dir,
@@ -164,7 +182,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     def checkpoint() -> None:
         state.train_seconds = time.perf_counter() - run_start
-        save_checkpoint(accelerator, output, state.step, config_dict, cfg.run.keep_checkpoints)
+        with _not_training(sparsifier):
+            save_checkpoint(accelerator, output, state.step, config_dict, cfg.run.keep_checkpoints)
 
     seen_writeback = averager.last_writeback if averager is not None else None
     model.train()
@@ -262,15 +281,15 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             result = log_eval("val", loaders["val"])
             if result["top1"] > state.best_val_top1:
                 state.best_val_top1, state.best_epoch = result["top1"], epoch
+                unwrapped = accelerator.unwrap_model(model)
+                if main or is_sharded(unwrapped):  # sharded: every rank gathers
+                    weights = full_state_dict(unwrapped)
                 if main:
                     from safetensors.torch import save_file
 
                     from ..serialization import atomic_write_bytes
 
-                    weights = {
-                        k: v.detach().cpu().contiguous()
-                        for k, v in accelerator.unwrap_model(model).state_dict().items()
-                    }
+                    weights = {k: v.contiguous() for k, v in weights.items()}
                     atomic_write_bytes(best_path, lambda p, w=weights: save_file(w, str(p)))
         state.epoch, state.batches_in_epoch = epoch + 1, 0
         if not cfg.run.checkpoint_interval and epoch + 1 < cfg.train.epochs:
@@ -310,22 +329,23 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             unwrapped = accelerator.unwrap_model(model)
             current = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
             accelerator.wait_for_everyone()
-            unwrapped.load_state_dict(load_file(str(best_path)))
+            load_full_state_dict(unwrapped, load_file(str(best_path)))
             best = evaluate(model, loaders["test"], accelerator)
             unwrapped.load_state_dict(current)
             summary |= {"test_top1_best": best["top1"], "test_top5_best": best["top5"]}
     if main:
         log.write({"event": "summary", "step": state.step, **summary})
-        write_outputs(
-            cfg,
-            output,
-            accelerator.unwrap_model(model),
-            sparsifier,
-            state.itop_history,
-            log,
-            summary,
-            splits.class_names,
-        )
+    write_outputs(  # every rank: sharded masks and weights are gathered; rank 0 writes
+        cfg,
+        output,
+        accelerator.unwrap_model(model),
+        sparsifier,
+        state.itop_history,
+        log,
+        summary,
+        splits.class_names,
+        main,
+    )
     accelerator.wait_for_everyone()
     if cfg.run.tensorboard:
         accelerator.end_training()

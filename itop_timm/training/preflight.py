@@ -13,6 +13,7 @@ from .builders import create_model
 from .checkpointing import checkpoint_dir, list_checkpoints, read_checkpoint_config, resolve_resume
 from .config import TrainConfig, config_differences
 from .data import load_splits
+from .fsdp import check_fsdp_options
 
 __all__ = ["InputError", "check_model_name", "preflight"]
 
@@ -36,6 +37,7 @@ def preflight(cfg: TrainConfig) -> tuple[Path | None, Any]:
     Returns (checkpoint folder to resume from or None, the loaded data splits).
     """
     check_model_name(cfg.model.name)
+    check_fsdp_options(cfg)
     if cfg.train.mixed_precision == "fp16" and (cfg.run.cpu or not torch.cuda.is_available()):
         raise ValueError("train.mixed_precision=fp16 needs a CUDA GPU (loss scaling); use bf16 on the CPU")
     if not cfg.dense:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import plots
-from ..distributed import all_ranks_agree, masks_fingerprint
+from ..distributed import all_ranks_agree, is_sharded, masks_fingerprint
 from ..serialization import atomic_write_text
 from ..sparsifier import Sparsifier
 from .config import TrainConfig
@@ -96,29 +96,36 @@ def write_outputs(
     log: MetricsLog,
     summary: dict[str, Any],
     class_names: list[str],
+    main: bool = True,
 ) -> None:
-    records = log.records()
-    plots.plot_learning_curves(
-        [r for r in records if r.get("event") == "train"],
-        [r for r in records if r.get("event") == "eval"],
-        output / "plots" / "learning_curves.png",
-        title=f"{cfg.model.name} {cfg.sparsity.method}",
-    )
+    """Plots, the sparse checkpoint and ``summary.json``. Call on every rank when the model is sharded
+    (masks and weights are gathered; ``main`` writes), else on the main process only."""
+    if main:
+        records = log.records()
+        plots.plot_learning_curves(
+            [r for r in records if r.get("event") == "train"],
+            [r for r in records if r.get("event") == "eval"],
+            output / "plots" / "learning_curves.png",
+            title=f"{cfg.model.name} {cfg.sparsity.method}",
+        )
     if sparsifier is not None:
-        history = [{"step": 0, "itop_rate": sparsifier.density}, *itop_history]
+        density = sparsifier.density  # every rank: sharded masks are counted over all ranks
+        layer_densities, layer_itop_rates = sparsifier.layer_densities(), sparsifier.layer_itop_rates()
+    if sparsifier is not None and main:
+        history = [{"step": 0, "itop_rate": density}, *itop_history]
         plots.plot_itop_rate(
             history,
             output / "plots" / "itop_rate.png",
-            density=sparsifier.density,
+            density=density,
             title=f"R_s: {cfg.model.name} {cfg.sparsity.method} d={cfg.sparsity.density}",
         )
         plots.plot_layer_densities(
-            sparsifier.layer_densities(),
+            layer_densities,
             output / "plots" / "layer_density.png",
-            itop_rates=sparsifier.layer_itop_rates(),
+            itop_rates=layer_itop_rates,
             target=sparsifier.target_densities,
         )
-    if cfg.run.save_sparse:
+    if cfg.run.save_sparse and (main or is_sharded(model)):  # sharded: every rank gathers, rank 0 writes
         from ..checkpoint import save_sparse
 
         metrics = {
@@ -136,4 +143,5 @@ def write_outputs(
             label_names=class_names,
             data_config=resolve_data_config(cfg.data, cfg.model, model),
         )
-    atomic_write_text(output / "summary.json", json.dumps(summary, indent=2))
+    if main:
+        atomic_write_text(output / "summary.json", json.dumps(summary, indent=2))
