@@ -115,3 +115,15 @@ def test_structured_quick(bench_env):
     run_script("structured.py", env, "--quick")
     data = json.loads((results / "structured_quick.json").read_text())
     assert data["rows"] and all("latency_ratio_b1" in r for r in data["rows"])
+
+
+@pytest.mark.slow
+def test_fsdp_quick(bench_env):
+    env, results = bench_env
+    out = run_script("fsdp.py", env, "--quick")
+    data = json.loads((results / "fsdp_quick.json").read_text())
+    ddp, sharded = data["results"]["ddp_sparse"], data["results"]["fsdp_sparse"]
+    assert len(ddp) == len(sharded) == 2  # both ranks reported
+    assert all(s["state_mib"] < d["state_mib"] for s, d in zip(sharded, ddp, strict=True))  # sharded state
+    assert sharded[0]["itop_rate"] > 0 and sharded[0]["update_s"] > 0
+    assert "sparsifier step overhead under FSDP" in out
