@@ -10,6 +10,7 @@ or the new one, never a torn one.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -31,14 +32,103 @@ __all__ = [
     "save_state_file",
     "load_state_file",
     "read_safetensors",
+    "parse_json",
+    "read_json_file",
+    "remove_stale_temporaries",
+    "MAX_JSON_DEPTH",
+    "json_depth_exceeds",
 ]
 
 _TENSOR = "__tensor__"
 _STATE_KEY = "itop_timm.state"
+#: JSON read from a checkpoint may nest at most this deep (itop_timm writes at most ~6 levels).
+MAX_JSON_DEPTH = 32
+#: config/metadata JSON files larger than this are refused unread.
+MAX_JSON_BYTES = 64 * 1024 * 1024
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupted or does not fit what it is loaded into."""
+
+
+def json_depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether ``value`` (parsed JSON) nests deeper than ``limit`` (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def parse_json(text: str | bytes, source: str | os.PathLike, what: str = "JSON") -> Any:
+    """Parse JSON read from ``source``; any defect (syntax, encoding, nesting deeper than
+    :data:`MAX_JSON_DEPTH`) raises :class:`CheckpointError` naming ``source``."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as err:  # ValueError covers bad JSON and bad UTF-8
+        message = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise CheckpointError(f"{source}: unreadable {what} ({message})") from None
+    if json_depth_exceeds(value, MAX_JSON_DEPTH):
+        raise CheckpointError(f"{source}: unreadable {what} (nested deeper than {MAX_JSON_DEPTH} levels)")
+    return value
+
+
+def read_json_file(path: str | os.PathLike, what: str = "JSON") -> Any:
+    """Read and parse a JSON file with :func:`parse_json`; a missing or oversized file raises
+    :class:`CheckpointError` naming it."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path}: {what} larger than {MAX_JSON_BYTES} bytes")
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read {what} ({type(err).__name__}: {err})") from err
+    return parse_json(data, path, what)
+
+
+def _temporary_prefix(path: Path) -> str:
+    """Name prefix of the temporary siblings of ``path``; it carries this process's id, so a later
+    writer can tell the leftovers of a killed one from a save in progress."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def _owner_is_gone(name: str, path: Path) -> bool:
+    pid_text = name[len(f".{path.name}.") :].split(".", 1)[0]
+    if not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary siblings (``.<name>.<pid>.*.tmp``) that a killed write of ``path`` left
+    behind, i.e. those whose writing process no longer runs on this machine; returns what was removed."""
+    import shutil
+
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if _owner_is_gone(candidate.name, path):
+            if candidate.is_dir() and not candidate.is_symlink():
+                shutil.rmtree(candidate, ignore_errors=True)
+            else:
+                candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
 
 
 def _fsync_dir(path: Path) -> None:
@@ -54,7 +144,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | Callable[[Path], N
     """Write ``data`` (bytes, or a function writing to a given path) to ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
         if isinstance(data, (bytes, bytearray)):
@@ -90,7 +181,8 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = True) -> Iterat
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not replace:
         raise FileExistsError(f"{path} exists")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         for file in tmp.rglob("*"):
@@ -183,8 +275,5 @@ def load_state_file(path: str | os.PathLike) -> Any:
     tensors, metadata = read_safetensors(path)
     if _STATE_KEY not in metadata:
         raise CheckpointError(f"{path}: no itop_timm state in the safetensors header")
-    try:
-        skeleton = json.loads(metadata[_STATE_KEY])
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: corrupted state header ({err})") from err
+    skeleton = parse_json(metadata[_STATE_KEY], path, "state header")
     return unflatten_state(tensors, skeleton)
