@@ -38,7 +38,15 @@ from torch import nn
 from .distributed import full_state_dict, full_tensor, is_main_rank, is_sharded
 from .masks import validate_masks
 from .registry import Registry
-from .serialization import CheckpointError, atomic_directory, read_safetensors
+from .serialization import (
+    MAX_JSON_DEPTH,
+    CheckpointError,
+    atomic_directory,
+    json_depth_exceeds,
+    parse_json,
+    read_json_file,
+    read_safetensors,
+)
 from .sparsifier import Sparsifier, unwrap_model
 
 __all__ = [
@@ -58,6 +66,8 @@ __all__ = [
     "CARD_FILE",
     "ARCHITECTURE_ATTR",
     "register_architecture_rebuilder",
+    "config_sha256",
+    "nonfinite_counts",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -190,16 +200,47 @@ def _collect_masks(
     return masks, union, info
 
 
+def _card_metadata(meta: Mapping[str, Any], repo_hint: str) -> dict[str, Any]:
+    """The card's YAML front matter, following the Hub's model-card conventions (``datasets``,
+    ``metrics``, ``model-index``), with nothing but what produced these weights."""
+    card: dict[str, Any] = {
+        "library_name": "timm",
+        "pipeline_tag": "image-classification",
+        "tags": ["image-classification", "timm", "sparse", "itop_timm", f"itop_timm-{meta['method']}"],
+    }
+    dataset = meta.get("dataset")
+    hub_dataset = dataset if isinstance(dataset, str) and dataset.count("/") == 1 else None
+    if hub_dataset:
+        card["datasets"] = [hub_dataset]
+    accuracy = {k: v for k, v in (meta.get("metrics") or {}).items() if "top1" in k and _is_number(v)}
+    if accuracy:
+        card["metrics"] = ["accuracy"]
+    if accuracy and dataset:
+        card["model-index"] = [
+            {
+                "name": repo_hint.split("/")[-1],
+                "results": [
+                    {
+                        "task": {"type": "image-classification", "name": "Image Classification"},
+                        "dataset": {"name": dataset, "type": hub_dataset or dataset},
+                        "metrics": [
+                            {"type": "accuracy", "name": name, "value": float(value)}
+                            for name, value in accuracy.items()
+                        ],
+                    }
+                ],
+            }
+        ]
+    return card
+
+
 def _model_card(meta: Mapping[str, Any], repo_hint: str, compact: bool) -> str:
+    import yaml
+
     arch = meta["architecture"]
     lines = [
         "---",
-        "library_name: timm",
-        "tags:",
-        "- image-classification",
-        "- timm",
-        "- sparse",
-        "- itop_timm",
+        yaml.safe_dump(_card_metadata(meta, repo_hint), sort_keys=False).rstrip("\n"),
         "---",
         f"# {arch} — sparse ({meta['method']})",
         "",
@@ -222,6 +263,23 @@ def _model_card(meta: Mapping[str, Any], repo_hint: str, compact: bool) -> str:
         lines += [
             f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
             for k, v in meta["metrics"].items()
+        ]
+    lines += ["", "## Training", ""]
+    lines += [
+        f"- data set: {meta.get('dataset') or 'not recorded'}",
+        f"- method: `{meta['method']}`",
+        f"- itop_timm {meta.get('itop_timm_version')}, timm {meta.get('timm_version')}",
+    ]
+    if meta.get("training_config"):
+        import yaml
+
+        lines += [
+            "",
+            "Recipe config:",
+            "",
+            "```yaml",
+            yaml.safe_dump(dict(meta["training_config"]), sort_keys=False).rstrip("\n"),
+            "```",
         ]
     if meta["tensors"]:
         lines += ["", "## Per-layer sparsity", "", "| tensor | shape | density | R_s |", "|---|---|---|---|"]
@@ -269,6 +327,7 @@ def save_sparse(
     dataset: str | None = None,
     label_names: list[str] | None = None,
     data_config: Mapping[str, Any] | None = None,
+    training_config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a sparse checkpoint folder (see the module docstring); returns its path.
 
@@ -284,10 +343,18 @@ def save_sparse(
         compact: store sparse weights as nonzero values + the bit mask (``model.compact.safetensors``).
         include_union: store the union (R_s) masks (training state; an inference export may leave them out).
         metrics: e.g. ``{"test_top1": 91.2}`` for the model card and metadata.
-        dataset: the data set name, for the model card.
+        dataset: the data set the weights were trained on; a Hugging Face Hub id (``org/name``) is
+            also listed in the model card's ``datasets:`` metadata.
         label_names: class names, stored in ``config.json`` as timm does.
         data_config: the preprocessing the model was trained with (``input_size``, ``mean``, ``std``,
             ``crop_pct``, ``interpolation``), stored in ``config.json``'s ``pretrained_cfg``.
+        training_config: the recipe's config that produced the weights (JSON-able), recorded in the
+            metadata and the model card.
+
+    ``config.json`` keeps only what builds and preprocesses the model: timm's provenance of its own
+    pretrained weights (tag, licence, paper, origin) is not copied into it. The model must hold one
+    floating dtype (``ValueError`` otherwise); ``load_sparse`` rebuilds it in that dtype. NaN/Inf
+    weights are saved as they are, with a warning (``metadata["nonfinite"]`` counts them).
     """
     import itop_timm
 
@@ -297,10 +364,14 @@ def save_sparse(
     try:
         json.dumps(dict(extra_metadata or {}))
         json.dumps(dict(metrics or {}))
-    except TypeError as err:
-        raise ValueError(f"extra_metadata and metrics must be JSON-serialisable ({err})") from err
+        json.dumps(dict(training_config or {}))
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"extra_metadata, metrics and training_config must be JSON-serialisable ({err})"
+        ) from err
 
     state = full_state_dict(model)  # sharded tensors gathered, one at a time
+    _check_one_float_dtype(state)
     dense: dict[str, torch.Tensor] = {}
     zeroed = 0
     for name, tensor in state.items():
@@ -312,6 +383,14 @@ def save_sparse(
         dense[name] = t.contiguous().clone()
     if zeroed:
         _logger.warning("save_sparse: %d weights outside the masks were nonzero; saved as 0", zeroed)
+    nonfinite = nonfinite_counts(dense)
+    if nonfinite:
+        _logger.warning(
+            "save_sparse: %d NaN/Inf values in %d tensor(s) (first: %s); saved as they are",
+            sum(nonfinite.values()),
+            len(nonfinite),
+            next(iter(nonfinite)),
+        )
 
     tensors_meta: dict[str, Any] = {}
     for name, mask in masks.items():
@@ -339,10 +418,16 @@ def save_sparse(
         "metrics": dict(metrics or {}),
         "dataset": dataset,
         "extra": dict(extra_metadata or {}),
+        "training_config": dict(training_config) if training_config is not None else None,
+        "nonfinite": nonfinite,
     }
     history = getattr(model, ARCHITECTURE_ATTR, None)
     if history is not None:
         meta[_ARCHITECTURE_KEY] = history
+    if json_depth_exceeds(meta, MAX_JSON_DEPTH - 1):
+        raise ValueError(
+            f"extra_metadata / training_config nest too deeply: checkpoints hold at most {MAX_JSON_DEPTH} levels"
+        )
 
     directory = Path(directory)
     if not is_sharded(model):
@@ -383,27 +468,69 @@ def _write_folder(
             model_config={"label_names": list(label_names)} if label_names else None,
             data_config=dict(data_config) if data_config else None,
         )
-        history = meta.get(_ARCHITECTURE_KEY)
-        sparsity_blob = None
-        if masks or compact or history is not None:
-            sparsity: dict[str, torch.Tensor] = {f"{_MASK}{n}": pack_mask(m) for n, m in masks.items()}
-            if meta["has_union"]:
-                sparsity |= {f"{_UNION}{n}": pack_mask(union[n]) for n in masks}
-            meta["sparsity_sha256"] = {k: _sha256(v) for k, v in sparsity.items()}
-            sparsity_blob = safetensors_save(sparsity, metadata={_META_KEY: json.dumps(meta)})
-            (tmp / SPARSITY_FILE).write_bytes(sparsity_blob)
+        meta["config_sha256"] = config_sha256(_write_own_config(tmp / CONFIG_FILE))
+        # always written, dense models too: it holds the hashes of every tensor and of config.json
+        sparsity: dict[str, torch.Tensor] = {f"{_MASK}{n}": pack_mask(m) for n, m in masks.items()}
+        if meta["has_union"]:
+            sparsity |= {f"{_UNION}{n}": pack_mask(union[n]) for n in masks}
+        meta["sparsity_sha256"] = {k: _sha256(v) for k, v in sparsity.items()}
+        sparsity_blob = safetensors_save(sparsity, metadata={_META_KEY: json.dumps(meta)})
+        (tmp / SPARSITY_FILE).write_bytes(sparsity_blob)
         # the weights file names its companion sparsity file by hash, so a lost or swapped one is detected
         # (a single metadata key: safetensors writes several in no fixed order, and saves should be
         # byte-for-byte reproducible)
-        header = {
-            _LINK_KEY: hashlib.sha256(sparsity_blob).hexdigest() if sparsity_blob else "none",
-        }
+        header = {_LINK_KEY: hashlib.sha256(sparsity_blob).hexdigest()}
         if compact:
             packed = {name: (t[masks[name].to("cpu")] if name in masks else t) for name, t in dense.items()}
             (tmp / COMPACT_WEIGHTS_FILE).write_bytes(safetensors_save(packed, metadata=header))
         else:
             (tmp / WEIGHTS_FILE).write_bytes(safetensors_save(dense, metadata=header))
         (tmp / CARD_FILE).write_text(_model_card(meta, f"<user>/{meta['architecture']}-sparse", compact))
+
+
+#: ``pretrained_cfg`` keys that describe how to build and preprocess the model; the others (tag,
+#: hf_hub_id, license, paper_ids, origin_url, test-time sizes of timm's ImageNet weights...) describe
+#: weights this checkpoint does not hold, so they are not copied.
+_OWN_PRETRAINED_CFG_KEYS = (
+    "input_size",
+    "fixed_input_size",
+    "min_input_size",
+    "interpolation",
+    "crop_pct",
+    "crop_mode",
+    "mean",
+    "std",
+    "num_classes",
+    "pool_size",
+    "first_conv",
+    "classifier",
+    "label_offset",
+)
+
+
+def _write_own_config(path: Path) -> dict[str, Any]:
+    """Rewrite timm's ``config.json`` without the borrowed provenance of timm's pretrained weights."""
+    config = json.loads(path.read_text())
+    cfg = config.get("pretrained_cfg") or {}
+    config["pretrained_cfg"] = {k: cfg[k] for k in _OWN_PRETRAINED_CFG_KEYS if k in cfg}
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return config
+
+
+def _check_one_float_dtype(state: Mapping[str, torch.Tensor]) -> None:
+    """A checkpoint holds one floating dtype (``load_sparse`` rebuilds the model in it)."""
+    dtypes = sorted({str(t.dtype) for t in state.values() if t.is_floating_point()})
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"save_sparse: the model mixes floating dtypes {dtypes}; cast it to one first "
+            "(e.g. model.float() or model.to(torch.bfloat16)) so the checkpoint loads back"
+        )
+
+
+def nonfinite_counts(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """``{name: number of NaN/Inf values}`` for every floating tensor that has any."""
+    counts = {name: int((~torch.isfinite(t)).sum()) for name, t in state.items() if t.is_floating_point()}
+    return {name: n for name, n in counts.items() if n}
 
 
 def _recover_interrupted_save(directory: Path) -> Path:
@@ -448,20 +575,18 @@ def read_sparse_metadata(folder: str | os.PathLike) -> tuple[dict[str, Any], dic
     tensors, header = read_safetensors(path)
     if _META_KEY not in header:
         raise CheckpointError(f"{path}: no itop_timm metadata in the header")
-    try:
-        meta = json.loads(header[_META_KEY])
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: corrupted metadata JSON ({err})") from err
+    meta = parse_json(header[_META_KEY], path, "metadata JSON")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an itop_timm sparse checkpoint")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
-            f"{path}: format version {meta.get('format_version')!r}, this itop_timm reads {FORMAT_VERSION}"
+            f"{path}: format version {_short(meta.get('format_version'))}, this itop_timm reads {FORMAT_VERSION}"
         )
     expected = meta.get("sparsity_sha256")
     if not isinstance(expected, dict) or set(expected) != set(tensors):
         raise CheckpointError(
-            f"{path}: tensors {sorted(set(tensors) ^ set(expected or {}))[:5]} do not match the recorded list"
+            f"{path}: tensors {sorted(set(tensors) ^ set(expected if isinstance(expected, dict) else {}))[:5]} "
+            "do not match the recorded list"
         )
     for key, tensor in tensors.items():
         if _sha256(tensor) != expected[key]:
@@ -469,108 +594,123 @@ def read_sparse_metadata(folder: str | os.PathLike) -> tuple[dict[str, Any], dic
     return meta, tensors
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (hostile metadata can be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_optional_number(value: Any) -> bool:
+    return value is None or _is_number(value)
+
+
+def _is_str_map(value: Any, check: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and check(v) for k, v in value.items())
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(s) and s >= 0 for s in value)
+
+
+def _is_tensor_entry(entry: Any) -> bool:
+    return (
+        isinstance(entry, dict)
+        and _is_shape(entry.get("shape"))
+        and _is_int(entry.get("active"))
+        and _is_number(entry.get("density"))
+        and _is_optional_number(entry.get("itop_rate"))
+    )
+
+
+#: metadata key -> (required, type check); every value load_sparse, the card or ``info`` reads
+_META_SCHEMA: dict[str, tuple[bool, Any]] = {
+    "architecture": (True, lambda v: isinstance(v, str)),
+    "method": (True, lambda v: isinstance(v, str)),
+    "density": (True, _is_number),
+    "compact": (True, lambda v: isinstance(v, bool)),
+    "has_union": (True, lambda v: isinstance(v, bool)),
+    "tensors": (True, lambda v: _is_str_map(v, _is_tensor_entry)),
+    "sha256": (True, lambda v: _is_str_map(v, lambda h: isinstance(h, str))),
+    "dtypes": (True, lambda v: _is_str_map(v, lambda d: isinstance(d, str))),
+    "shapes": (True, lambda v: _is_str_map(v, _is_shape)),
+    "num_classes": (False, lambda v: v is None or _is_int(v)),
+    "step": (False, lambda v: v is None or _is_int(v)),
+    "itop_rate": (False, _is_optional_number),
+    "target_density": (False, _is_optional_number),
+    "metrics": (False, lambda v: _is_str_map(v, lambda m: m is None or isinstance(m, (str, int, float)))),
+    "dataset": (False, lambda v: v is None or isinstance(v, str)),
+    "extra": (False, lambda v: isinstance(v, dict)),
+    "config_sha256": (False, lambda v: isinstance(v, str)),
+    "nonfinite": (False, lambda v: _is_str_map(v, _is_int)),
+    "training_config": (False, lambda v: v is None or isinstance(v, dict)),
+    _ARCHITECTURE_KEY: (False, lambda v: isinstance(v, dict)),  # its rebuilder checks the rest
+}
+
+
 def _check_meta_types(meta: Mapping[str, Any], path: Path) -> None:
-    def need(cond: bool, what: str) -> None:
-        if not cond:
-            raise CheckpointError(f"{path}: invalid metadata: {what}")
-
-    need(isinstance(meta.get("architecture"), str), "architecture")
-    for key in ("tensors", "sha256", "dtypes", "shapes"):
-        need(isinstance(meta.get(key), dict), key)
-    for name, entry in meta["tensors"].items():
-        need(
-            isinstance(entry, dict)
-            and isinstance(entry.get("shape"), list)
-            and isinstance(entry.get("active"), int),
-            f"tensors[{name!r}]",
-        )
-        need(all(isinstance(s, int) and s >= 0 for s in entry["shape"]), f"tensors[{name!r}].shape")
-        need(isinstance(entry.get("density"), (int, float)), f"tensors[{name!r}].density")
-    need(isinstance(meta.get("density"), (int, float)), "density")
+    """Every metadata value that is read must have its documented type (else :class:`CheckpointError`)."""
+    for key, (required, check) in _META_SCHEMA.items():
+        if key not in meta:
+            if required:
+                raise CheckpointError(f"{path}: invalid metadata: {key!r} is missing")
+        elif not check(meta[key]):
+            raise CheckpointError(f"{path}: invalid metadata: {key!r} = {_short(meta[key])}")
 
 
-def load_sparse(
-    path_or_hub_id: str | os.PathLike,
-    *,
-    device: str | torch.device = "cpu",
-    revision: str | None = None,
-) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, Any]]:
-    """Load and verify a sparse checkpoint from a folder or ``hf-hub:org/name``.
+def config_sha256(config: Any) -> str:
+    """SHA-256 of ``config.json``'s content in canonical JSON form (key order and layout do not count)."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
-    Returns ``(model, masks, metadata)``: the timm model (eval mode, on ``device``), the bool masks
-    (``{}`` for a dense checkpoint) and the metadata dict; ``metadata["ever_active"]`` holds the union
-    masks when stored. Continue training with ``itop_timm.sparsify(model, optimizer, masks=masks, ...)``.
-    """
-    import timm
 
-    folder = resolve_checkpoint_dir(path_or_hub_id, revision)
-    config_path = folder / CONFIG_FILE
-    try:
-        config = json.loads(config_path.read_text())
-        arch = config["architecture"]
-        config_classes = config.get("num_classes")
-    except (OSError, ValueError, KeyError, TypeError) as err:  # ValueError covers bad JSON and bad UTF-8
-        raise CheckpointError(f"{config_path}: unreadable timm config ({type(err).__name__}: {err})") from err
+def _read_config(folder: Path) -> tuple[dict[str, Any], str]:
+    """``config.json`` parsed, and its architecture name."""
+    path = folder / CONFIG_FILE
+    config = read_json_file(path, "timm config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: unreadable timm config (a JSON object is expected)")
+    arch = config.get("architecture")
     if not isinstance(arch, str):
-        raise CheckpointError(f"{config_path}: 'architecture' must be a string")
+        raise CheckpointError(f"{path}: 'architecture' must be a string, got {_short(arch)}")
+    return config, arch
 
-    has_sparsity = (folder / SPARSITY_FILE).exists()
-    if not has_sparsity and (folder / COMPACT_WEIGHTS_FILE).exists():
-        raise CheckpointError(f"{folder / SPARSITY_FILE}: missing (a compact checkpoint needs its masks)")
-    if has_sparsity:
+
+def _read_metadata(folder: Path, arch: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], bool]:
+    """(metadata, packed mask tensors, whether ``sparsity.safetensors`` exists), types checked."""
+    if (folder / SPARSITY_FILE).exists():
         meta, raw = read_sparse_metadata(folder)
         _check_meta_types(meta, folder / SPARSITY_FILE)
-    else:
-        meta, raw = {"method": "dense", "compact": False, "tensors": {}, "architecture": arch}, {}
+        return meta, raw, True
+    if (folder / COMPACT_WEIGHTS_FILE).exists():
+        raise CheckpointError(f"{folder / SPARSITY_FILE}: missing (a compact checkpoint needs its masks)")
+    # a dense checkpoint of an older itop_timm, or a plain timm folder: nothing to verify against
+    return {"method": "dense", "compact": False, "tensors": {}, "architecture": arch}, {}, False
+
+
+def _weights_path(folder: Path, meta: Mapping[str, Any]) -> Path:
+    """The weights file the metadata names; a folder holding the other kind is a mismatched pair."""
     compact = bool(meta.get("compact"))
-    weights_path = folder / (COMPACT_WEIGHTS_FILE if compact else WEIGHTS_FILE)
-
-    if has_sparsity and meta["architecture"] != arch:
+    path = folder / (COMPACT_WEIGHTS_FILE if compact else WEIGHTS_FILE)
+    other = folder / (WEIGHTS_FILE if compact else COMPACT_WEIGHTS_FILE)
+    if not path.exists() and other.exists():
         raise CheckpointError(
-            f"{config_path}: architecture {arch!r} disagrees with {SPARSITY_FILE} ({meta['architecture']!r})"
+            f"{folder / SPARSITY_FILE}: records a {'compact' if compact else 'dense'} checkpoint, but the folder "
+            f"holds {other.name}: the two files do not belong together"
         )
-    if not timm.is_model(arch):
-        raise CheckpointError(f"{config_path}: unknown timm architecture {arch!r}")
-    if has_sparsity and meta.get("num_classes") is not None and config_classes != meta["num_classes"]:
-        raise CheckpointError(
-            f"{config_path}: num_classes {config_classes!r} disagrees with {SPARSITY_FILE} ({meta['num_classes']})"
-        )
+    return path
 
-    # masks first: they are needed to expand a compact file
-    masks: dict[str, torch.Tensor] = {}
-    union: dict[str, torch.Tensor] = {}
-    for name, entry in meta["tensors"].items():
-        key = f"{_MASK}{name}"
-        if key not in raw:
-            raise CheckpointError(f"{folder / SPARSITY_FILE}: mask of {name!r} is missing")
-        shape = tuple(entry["shape"])
-        try:
-            masks[name] = unpack_mask(raw[key], shape)
-            if meta.get("has_union"):
-                union[name] = unpack_mask(raw[f"{_UNION}{name}"], shape)
-        except (CheckpointError, KeyError) as err:
-            raise CheckpointError(f"{folder / SPARSITY_FILE}: tensor {name!r}: {err}") from err
-        active = int(masks[name].sum())
-        if active != entry["active"] or not math.isclose(
-            active / max(1, masks[name].numel()), entry["density"], rel_tol=1e-9, abs_tol=1e-12
-        ):
-            raise CheckpointError(
-                f"{folder / SPARSITY_FILE}: mask of {name!r} has {active} active weights, metadata records {entry['active']}"
-            )
-        if union and bool((masks[name] & ~union[name]).any()):
-            raise CheckpointError(
-                f"{folder / SPARSITY_FILE}: union mask of {name!r} does not contain its mask"
-            )
-    if masks:
-        total = sum(m.numel() for m in masks.values())
-        realised = sum(int(m.sum()) for m in masks.values()) / total
-        if not math.isclose(realised, meta["density"], rel_tol=1e-9):
-            raise CheckpointError(
-                f"{folder / SPARSITY_FILE}: realised density {realised} differs from the recorded {meta['density']}"
-            )
 
-    stored, weights_header = read_safetensors(weights_path)
-    link = weights_header.get(_LINK_KEY)  # absent: a weights file not written by itop_timm (plain timm)
+def _check_link(folder: Path, weights_path: Path, header: Mapping[str, str], has_sparsity: bool) -> None:
+    """The weights file names its sparsity file by hash: a lost, swapped or edited one is an error."""
+    link = header.get(_LINK_KEY)  # absent: a weights file not written by itop_timm (plain timm)
     if link == "none" and has_sparsity:
         raise CheckpointError(f"{weights_path}: saved as a dense checkpoint, but {SPARSITY_FILE} is present")
     if link is not None and link != "none":
@@ -582,31 +722,99 @@ def load_sparse(
             raise CheckpointError(
                 f"{folder / SPARSITY_FILE}: does not belong to {weights_path.name} (hash mismatch)"
             )
-    if compact:
-        state = {}
-        for name, t in stored.items():
-            if name in masks:
-                mask = masks[name]
-                if t.ndim != 1 or t.numel() != int(mask.sum()):
-                    raise CheckpointError(
-                        f"{weights_path}: tensor {name!r} holds {t.numel()} values, its mask has {int(mask.sum())}"
-                    )
-                full = torch.zeros(mask.shape, dtype=t.dtype)
-                full[mask] = t
-                state[name] = full
-            else:
-                state[name] = t
-    else:
-        state = stored
 
-    # build the architecture exactly as timm would from config.json, then check every tensor
+
+def _check_config(folder: Path, config: Mapping[str, Any], arch: str, meta: Mapping[str, Any]) -> None:
+    """``config.json`` decides the architecture timm builds: it must be the one that was saved."""
+    path = folder / CONFIG_FILE
+    if meta["architecture"] != arch:
+        raise CheckpointError(
+            f"{path}: architecture {arch!r} disagrees with {SPARSITY_FILE} ({meta['architecture']!r})"
+        )
+    classes = config.get("num_classes")
+    if meta.get("num_classes") is not None and classes != meta["num_classes"]:
+        raise CheckpointError(
+            f"{path}: num_classes {_short(classes)} disagrees with {SPARSITY_FILE} ({meta['num_classes']})"
+        )
+    recorded = meta.get("config_sha256")
+    if recorded is None:
+        _logger.warning("%s: saved by an older itop_timm, its model_args are not verified", path)
+    elif config_sha256(config) != recorded:
+        raise CheckpointError(
+            f"{path}: differs from the config saved with this checkpoint (checksum mismatch in "
+            f"{SPARSITY_FILE}); it decides the architecture (model_args), so it must not be edited"
+        )
+
+
+def _read_masks(
+    path: Path, meta: Mapping[str, Any], raw: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Unpack masks (and union masks) and check them against the recorded counts and densities."""
+    masks: dict[str, torch.Tensor] = {}
+    union: dict[str, torch.Tensor] = {}
+    for name, entry in meta["tensors"].items():
+        key = f"{_MASK}{name}"
+        if key not in raw:
+            raise CheckpointError(f"{path}: mask of {name!r} is missing")
+        shape = tuple(entry["shape"])
+        try:
+            masks[name] = unpack_mask(raw[key], shape)
+            if meta["has_union"]:
+                union[name] = unpack_mask(raw[f"{_UNION}{name}"], shape)
+        except (CheckpointError, KeyError) as err:
+            raise CheckpointError(f"{path}: tensor {name!r}: {err}") from err
+        active = int(masks[name].sum())
+        if active != entry["active"] or not math.isclose(
+            active / max(1, masks[name].numel()), entry["density"], rel_tol=1e-9, abs_tol=1e-12
+        ):
+            raise CheckpointError(
+                f"{path}: mask of {name!r} has {active} active weights, metadata records {entry['active']}"
+            )
+        if union and bool((masks[name] & ~union[name]).any()):
+            raise CheckpointError(f"{path}: union mask of {name!r} does not contain its mask")
+    if masks:
+        total = sum(m.numel() for m in masks.values())
+        realised = sum(int(m.sum()) for m in masks.values()) / max(1, total)
+        if not math.isclose(realised, meta["density"], rel_tol=1e-9):
+            raise CheckpointError(
+                f"{path}: realised density {realised} differs from the recorded {meta['density']}"
+            )
+    return masks, union
+
+
+def _expand_compact(
+    weights_path: Path, stored: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Dense tensors from a compact file (each masked tensor holds only its active values)."""
+    state = {}
+    for name, t in stored.items():
+        if name not in masks:
+            state[name] = t
+            continue
+        mask = masks[name]
+        if t.ndim != 1 or t.numel() != int(mask.sum()):
+            raise CheckpointError(
+                f"{weights_path}: tensor {name!r} holds {t.numel()} values, its mask has {int(mask.sum())}"
+            )
+        full = torch.zeros(mask.shape, dtype=t.dtype)
+        full[mask] = t
+        state[name] = full
+    return state
+
+
+def _build_model(folder: Path, arch: str, meta: Mapping[str, Any]) -> nn.Module:
+    """The architecture exactly as timm builds it from ``config.json`` (plus a recorded compaction)."""
+    import timm
+
+    if not timm.is_model(arch):
+        raise CheckpointError(f"{folder / CONFIG_FILE}: unknown timm architecture {arch!r}")
     try:
         model = timm.create_model(
             f"local-dir:{folder}", pretrained=False
         )  # timm's own reading of config.json
     except Exception as err:
         raise CheckpointError(
-            f"{config_path}: timm cannot build {arch!r} from it ({type(err).__name__}: {err})"
+            f"{folder / CONFIG_FILE}: timm cannot build {arch!r} from it ({type(err).__name__}: {err})"
         ) from err
     if _ARCHITECTURE_KEY in meta:
         if _ARCHITECTURE_KEY not in ARCHITECTURE_REBUILDERS:
@@ -615,16 +823,42 @@ def load_sparse(
             )
         try:
             model = ARCHITECTURE_REBUILDERS.get(_ARCHITECTURE_KEY)(model, meta[_ARCHITECTURE_KEY])
-        except ValueError as err:
+        except Exception as err:  # hostile history: any failure to replay it is a defect of the file
             raise CheckpointError(
-                f"{folder / SPARSITY_FILE}: cannot rebuild the compacted architecture ({err})"
+                f"{folder / SPARSITY_FILE}: cannot rebuild the compacted architecture ({type(err).__name__}: {err})"
             ) from err
+    return model
+
+
+def _stored_float_dtype(weights_path: Path, state: Mapping[str, torch.Tensor]) -> torch.dtype | None:
+    """The one floating dtype of the stored tensors (``None`` if there is none)."""
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) > 1:
+        raise CheckpointError(
+            f"{weights_path}: tensors mix floating dtypes {sorted(str(d) for d in dtypes)}; a model has one"
+        )
+    return dtypes.pop() if dtypes else None
+
+
+def _check_tensors(
+    weights_path: Path,
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+    has_sparsity: bool,
+) -> None:
+    """Names, shapes, dtypes, hashes and off-mask zeros of every tensor against the model and metadata."""
+    arch = meta["architecture"]
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"{weights_path}: tensors do not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    stray = sorted(set(masks) - set(expected))
+    if stray:
+        raise CheckpointError(f"{weights_path.parent / SPARSITY_FILE}: masks of unknown tensors {stray[:5]}")
     for name, ref in expected.items():
         t = state[name]
         if tuple(t.shape) != tuple(ref.shape):
@@ -646,8 +880,47 @@ def load_sparse(
                 raise CheckpointError(
                     f"{weights_path}: tensor {name!r} is corrupted or from another checkpoint (checksum mismatch)"
                 )
-        if name in masks and bool((t[~masks[name]] != 0).any()):
-            raise CheckpointError(f"{weights_path}: tensor {name!r} has nonzeros where its mask is inactive")
+        if name in masks:
+            if tuple(masks[name].shape) != tuple(t.shape):
+                raise CheckpointError(
+                    f"{weights_path.parent / SPARSITY_FILE}: mask of {name!r} has shape "
+                    f"{tuple(masks[name].shape)}, the tensor {tuple(t.shape)}"
+                )
+            if bool((t[~masks[name]] != 0).any()):
+                raise CheckpointError(
+                    f"{weights_path}: tensor {name!r} has nonzeros where its mask is inactive"
+                )
+
+
+def load_sparse(
+    path_or_hub_id: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, Any]]:
+    """Load and verify a sparse checkpoint from a folder or ``hf-hub:org/name``.
+
+    Returns ``(model, masks, metadata)``: the timm model (eval mode, on ``device``, in the floating
+    dtype it was saved in), the bool masks (``{}`` for a dense checkpoint) and the metadata dict;
+    ``metadata["ever_active"]`` holds the union masks when stored. Continue training with
+    ``itop_timm.sparsify(model, optimizer, masks=masks, ...)``. Any defect of any file raises
+    :class:`CheckpointError` naming it.
+    """
+    folder = resolve_checkpoint_dir(path_or_hub_id, revision)
+    config, arch = _read_config(folder)
+    meta, raw, has_sparsity = _read_metadata(folder, arch)
+    weights_path = _weights_path(folder, meta)
+    stored, weights_header = read_safetensors(weights_path)
+    _check_link(folder, weights_path, weights_header, has_sparsity)
+    if has_sparsity:
+        _check_config(folder, config, arch, meta)
+    masks, union = _read_masks(folder / SPARSITY_FILE, meta, raw)
+    state = _expand_compact(weights_path, stored, masks) if meta["compact"] else stored
+    model = _build_model(folder, arch, meta)
+    dtype = _stored_float_dtype(weights_path, state)
+    if dtype is not None:
+        model.to(dtype)  # timm builds float32; a checkpoint saved in bf16/fp16 loads as such
+    _check_tensors(weights_path, model, state, masks, meta, has_sparsity)
     model.load_state_dict(state, strict=True)
     model.to(device).eval()
     metadata = dict(meta)
@@ -661,9 +934,13 @@ def export_checkpoint(
     src: str | os.PathLike, dst: str | os.PathLike, *, compact: bool, include_union: bool = True
 ) -> Path:
     """Verify the checkpoint at ``src`` and write it to ``dst`` dense (plain-timm loadable) or compact."""
+    if _same_folder(src, dst):
+        raise ValueError(f"export needs a different destination folder than {str(src)!r}, got {str(dst)!r}")
     model, masks, meta = load_sparse(src)
-    if str(dst) == str(meta["path"]):
-        raise ValueError("export needs a different destination folder")
+    if _same_folder(meta["path"], dst):
+        raise ValueError(
+            f"export needs a different destination folder than {meta['path']!r}, got {str(dst)!r}"
+        )
     source = SparseState(masks, meta.get("ever_active"), meta) if masks else None
     return save_sparse(
         model,
@@ -675,4 +952,10 @@ def export_checkpoint(
         metrics=meta.get("metrics"),
         extra_metadata=meta.get("extra"),
         dataset=meta.get("dataset"),
+        training_config=meta.get("training_config"),
     )
+
+
+def _same_folder(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two spellings name the same folder (trailing slashes, ``..``, symbolic links)."""
+    return Path(a).resolve() == Path(b).resolve()

@@ -21,7 +21,14 @@ from typing import Any
 __all__ = ["main", "build_parser"]
 
 
+def _clean(value: Any) -> str:
+    """``str(value)`` with every non-printable character (escape sequences, newlines, bidi controls)
+    shown as a Python escape, so text from a forged file cannot drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
+
+
 def _print_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
+    rows = [tuple(_clean(c) for c in row) for row in rows]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     print("  ".join("-" * w for w in widths))
@@ -30,9 +37,16 @@ def _print_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .checkpoint import load_sparse
+    from .checkpoint import load_sparse, nonfinite_counts
 
     model, masks, meta = load_sparse(args.checkpoint)
+    nonfinite = nonfinite_counts(model.state_dict())
+    if nonfinite:
+        print(
+            f"WARNING: {sum(nonfinite.values())} NaN/Inf values in {len(nonfinite)} tensor(s): "
+            + _clean(", ".join(list(nonfinite)[:5])),
+            file=sys.stderr,
+        )
     if args.json:
         printable = {
             k: v
@@ -42,23 +56,32 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(printable, indent=2, default=str))
         return 0
     params = sum(p.numel() for p in model.parameters())
-    print(f"checkpoint     : {meta['path']}")
-    print(f"architecture   : {meta.get('architecture', model.pretrained_cfg.get('architecture'))}")
-    print(f"parameters     : {params:,}")
-    print(f"method         : {meta.get('method')}")
+    rows = [
+        ("checkpoint", meta["path"]),
+        ("architecture", meta["architecture"]),
+        ("parameters", f"{params:,}"),
+        ("method", meta.get("method")),
+    ]
     if masks:
         sparse = sum(m.numel() for m in masks.values())
-        print(f"sparse tensors : {len(masks)} ({sparse:,} weights)")
-        print(f"density        : {meta['density']:.4f} (target {meta.get('target_density')})")
+        rows += [
+            ("sparse tensors", f"{len(masks)} ({sparse:,} weights)"),
+            ("density", f"{meta['density']:.4f} (target {meta.get('target_density')})"),
+        ]
         if meta.get("itop_rate") is not None:
-            print(f"R_s            : {meta['itop_rate']:.4f}")
-        print(f"step           : {meta.get('step')}")
-        print(f"compact        : {meta.get('compact')}")
-    for key, value in (meta.get("metrics") or {}).items():
-        print(f"{key:<15s}: {value}")
+            rows.append(("R_s", f"{meta['itop_rate']:.4f}"))
+        rows += [("step", meta.get("step")), ("compact", meta.get("compact"))]
+    if meta.get("dataset"):
+        rows.append(("dataset", meta["dataset"]))
+    rows += list((meta.get("metrics") or {}).items())
+    if nonfinite:
+        rows.append(("NaN/Inf values", f"{sum(nonfinite.values())} in {len(nonfinite)} tensor(s)"))
+    for key, value in rows:
+        print(f"{_clean(key):<15s}: {_clean(value)}")
     if "structured" in meta:
+        history = meta["structured"].get("history")
         print(
-            f"structured     : compacted with torch-pruning ({len(meta['structured'].get('history', []))} pruning steps)"
+            f"structured     : compacted with torch-pruning ({len(history) if isinstance(history, list) else '?'} pruning steps)"
         )
     if masks and not args.no_layers:
         print()
@@ -202,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
         load_plugins()  # installed plugins' methods, distributions and schedules
         return args.func(args)
     except (CheckpointError, ValueError) as err:
-        print(f"itop-timm {args.command}: error: {err}", file=sys.stderr)
+        print(f"itop-timm {args.command}: error: {_clean(err)}", file=sys.stderr)
         return 2
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CARD_FILE, COMPACT_WEIGHTS_FILE, WEIGHTS_FILE, load_sparse, save_sparse
+from .serialization import CheckpointError
 from .sparsifier import Sparsifier
 
 __all__ = ["push_to_hub"]
@@ -64,7 +65,10 @@ def push_to_hub(
         # verify and upload one private copy, so a save into `folder` meanwhile cannot slip through unchecked
         snapshot = Path(tmp) / "verified"
         shutil.copytree(folder, snapshot)
-        _, masks, meta = load_sparse(snapshot)
+        try:
+            _, masks, meta = load_sparse(snapshot)
+        except CheckpointError as err:  # name the user's folder, not the private copy
+            raise CheckpointError(str(err).replace(str(snapshot), str(folder))) from None
         operations = []
         for path in sorted(p for p in snapshot.iterdir() if p.is_file()):
             content: str | bytes = str(path)

@@ -100,3 +100,32 @@ def write_plugin(folder, module: str, method: str) -> None:
     """A plugin module ``module`` in ``folder`` that registers ``method`` (defaults: update_interval 7,
     prune_rate 0.25)."""
     (folder / f"{module}.py").write_text(PLUGIN.format(name=method))
+
+
+def safetensors_metadata(blob: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors file's header."""
+    import json
+    import struct
+
+    length = struct.unpack("<Q", blob[:8])[0]
+    return json.loads(blob[8 : 8 + length]).get("__metadata__") or {}
+
+
+def forge_metadata(files: dict, meta_json: str, relink: bool = True) -> dict:
+    """A copy of a checkpoint's ``files`` whose ``sparsity.safetensors`` carries the metadata text
+    ``meta_json``; with ``relink`` the weights file is re-saved to name the new file by hash (a forger
+    who rewrites both files, so only the metadata checks stand in the way)."""
+    import hashlib
+
+    from safetensors.torch import load, save
+
+    files = dict(files)
+    files["sparsity.safetensors"] = save(
+        load(files["sparsity.safetensors"]), metadata={"itop_timm": meta_json}
+    )
+    if relink:
+        link = hashlib.sha256(files["sparsity.safetensors"]).hexdigest()
+        for name in ("model.safetensors", "model.compact.safetensors"):
+            if name in files:
+                files[name] = save(load(files[name]), metadata={"itop_timm.sparsity_sha256": link})
+    return files

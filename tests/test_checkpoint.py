@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helpers import train_steps
+from helpers import forge_metadata, safetensors_metadata, train_steps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -322,14 +322,12 @@ def test_fuzz_corruption_gives_a_clear_error_or_the_identical_model(reference, t
     ],
 )
 def test_edited_metadata_is_caught(reference, tmp_path, field, value, message):
-    from safetensors.torch import load, save
-
     files = dict(reference["files"])
-    blob = files[SPARSITY_FILE]
-    header = json.loads(blob[8 : header_length(blob)])
-    meta = json.loads(header["__metadata__"]["itop_timm"])
+    meta = json.loads(safetensors_metadata(files[SPARSITY_FILE])["itop_timm"])
     meta[field] = value
-    files[SPARSITY_FILE] = save(load(blob), metadata={"itop_timm": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="does not belong to model.safetensors"):
+        load_sparse(write_folder(tmp_path / "ckpt", forge_metadata(files, json.dumps(meta), relink=False)))
+    files = forge_metadata(files, json.dumps(meta))  # a forger who relinks the weights file too
     with pytest.raises(CheckpointError, match=message):
         load_sparse(write_folder(tmp_path / "ckpt", files))
 
@@ -414,3 +412,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path, where):
     after = {p.name: p.read_bytes() for p in target.iterdir()}
     assert after == before
     assert torch.equal(outputs(loaded), outputs(model)) and meta["itop_rate"] == sp.itop_rate
+    leftovers = sorted(p.name for p in tmp_path.glob(".ckpt.*.tmp"))
+    assert len(leftovers) == 1, leftovers  # the killed save's temporary folder
+    save_sparse(model, sp, target)  # the next save of this checkpoint removes what the killed one left
+    assert not list(tmp_path.glob(".ckpt.*")), sorted(p.name for p in tmp_path.glob(".ckpt.*"))

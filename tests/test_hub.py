@@ -166,8 +166,12 @@ def test_push_to_hub_refuses_a_corrupted_folder(trained, fake_hub, tmp_path):
     folder = save_sparse(model, sp, tmp_path / "ckpt")
     _flip_byte_in_data(folder / "model.safetensors")
 
-    with pytest.raises(CheckpointError, match=r"model\.safetensors.*checksum mismatch"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*checksum mismatch") as raised:
         push_to_hub(folder, REPO, private=True, token=TOKEN)
+    # the error names the user's folder, not the private copy that was verified
+    assert str(raised.value).startswith(f"{folder}/model.safetensors") and "itop_timm_push_" not in str(
+        raised.value
+    )
 
     assert fake_hub.repos_created == []
     assert fake_hub.commits == []
@@ -197,7 +201,8 @@ def test_push_dense_checkpoint(fake_hub, tmp_path):
     folder = save_sparse(model, None, tmp_path / "dense")
     url = push_to_hub(folder, REPO, token=TOKEN)
     files = _check_single_upload(fake_hub, url)
-    assert set(files) == {"model.safetensors", "config.json", "README.md"}
+    # sparsity.safetensors of a dense model: no masks, the hashes of every tensor and of config.json
+    assert set(files) == {"model.safetensors", "sparsity.safetensors", "config.json", "README.md"}
     assert REPO in files["README.md"].decode()
 
 

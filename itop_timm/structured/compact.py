@@ -59,6 +59,8 @@ _logger = logging.getLogger(__name__)
 HISTORY_ATTR = ARCHITECTURE_ATTR  # the checkpoint format's extension point
 # |output change| allowed on the example input for an exact compaction (summation order changes only)
 _OUTPUT_RTOL = 1e-4
+# most elements of the example input a recorded history is replayed with (a forged size must not exhaust memory)
+_MAX_TRACE_ELEMENTS = 1 << 26
 
 
 # ----------------------------------------------------------------------------- validation
@@ -353,6 +355,8 @@ def _check_structured(structured_meta: Any) -> tuple[list[list[Any]], list[int]]
         or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
     ):
         raise ValueError(f"structured metadata: input_size must be a list of positive ints, got {size!r}")
+    if len(size) > 8 or math.prod(min(s, _MAX_TRACE_ELEMENTS + 1) for s in size) > _MAX_TRACE_ELEMENTS:
+        raise ValueError(f"structured metadata: input_size {size!r} exceeds {_MAX_TRACE_ELEMENTS} elements")
     history = structured_meta["history"]
     if not isinstance(history, (list, tuple)):
         raise ValueError("structured metadata: history must be a list of [layer, is_out, indices]")
