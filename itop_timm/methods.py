@@ -24,7 +24,8 @@ Third-party methods::
 
     from itop_timm import MethodInfo, register_method
     register_method(MethodInfo("grad_times_w", drop_score=lambda l: (l.weight * l.grad).abs(),
-                               grow_score=lambda l: l.grad.abs(), defaults={"update_interval": 50}))
+                               grow_score=lambda l: l.grad.abs(), defaults={"update_interval": 50},
+                               needs_grad=True))
 """
 
 from __future__ import annotations
@@ -127,6 +128,10 @@ class MethodInfo:
             (e.g. ``{"update_interval": 4000, "prune_schedule": "cosine"}``).
         grad_ema_beta: if set, the sparsifier keeps an EMA of dense gradients with this decay and
             passes it as ``LayerView.grad_ema``.
+        needs_grad: the grow score reads the layer's gradient; a layer without one at an update
+            (unused in the forward pass, frozen, ``zero_grad(set_to_none=True)`` before the step) is
+            then left unchanged and reported in ``last_update["no_grad_layers"]``, instead of being
+            regrown by tie-breaking.
     """
 
     name: str
@@ -135,6 +140,7 @@ class MethodInfo:
     description: str = ""
     defaults: Mapping[str, Any] = field(default_factory=dict)
     grad_ema_beta: float | None = None
+    needs_grad: bool = False
 
     def __post_init__(self) -> None:
         if (self.drop_score is None) != (self.grow_score is None):
@@ -169,7 +175,13 @@ def get_method(name: str | MethodInfo) -> MethodInfo:
 register_method(MethodInfo("static", None, None, "fixed random sparse mask (no topology updates)"))
 register_method(MethodInfo("set", magnitude_score, random_score, "SET: drop smallest |w|, grow at random"))
 register_method(
-    MethodInfo("rigl", magnitude_score, gradient_score, "RigL: drop smallest |w|, grow largest |dense grad|")
+    MethodInfo(
+        "rigl",
+        magnitude_score,
+        gradient_score,
+        "RigL: drop smallest |w|, grow largest |dense grad|",
+        needs_grad=True,
+    )
 )
 register_method(
     MethodInfo(
@@ -178,6 +190,7 @@ register_method(
         grad_ema_score,
         "sparse momentum: drop smallest |w|, grow largest |EMA of dense grads|",
         grad_ema_beta=0.9,
+        needs_grad=True,
     )
 )
 register_method(

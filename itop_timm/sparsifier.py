@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -137,6 +138,7 @@ class Sparsifier:
                 f"{len(missing)} sparse tensor(s) are not optimized by the optimizer (first: {missing[:3]}); "
                 "create the optimizer over the model's parameters, or exclude them"
             )
+        _refuse_second_sparsifier(self.optimizer)
 
         self._generator = torch.Generator().manual_seed(config.seed)
         if masks is not None:
@@ -177,6 +179,7 @@ class Sparsifier:
         self._paused = False
         self.apply_masks()
         self._handles = [self.optimizer.register_step_post_hook(self._after_optimizer_step)]
+        _mark_owner(self.optimizer, self)
         _logger.info(
             "sparsify: method=%s density=%.4f (%s) over %d tensors, %d of %d weights active",
             self.method.name,
@@ -270,7 +273,10 @@ class Sparsifier:
         rate = self._schedule(self.step)
         dropped: dict[str, int] = {}
         changed: dict[str, torch.Tensor] = {}
+        no_grad = self._layers_without_needed_grad()
         for name, p in self._params.items():
+            if name in no_grad:
+                continue
             # one layer at a time on full tensors (sharded: gathered here, identical on every rank)
             mask = full_tensor(self.masks[name])
             weight, grad, union = full_tensor(p), full_tensor(p.grad), full_tensor(self._ever_active[name])
@@ -310,6 +316,8 @@ class Sparsifier:
                 for name in dropped
             },
         }
+        if no_grad:
+            self.last_update["no_grad_layers"] = no_grad
         _logger.debug(
             "topology update at step %d: %s",
             self.step,
@@ -336,6 +344,22 @@ class Sparsifier:
         if full_mask is not mask:
             local(mask).copy_(local(shard_like(full_mask, mask)))
         local(self._ever_active[name]).logical_or_(local(mask))
+
+    def _layers_without_needed_grad(self) -> list[str]:
+        """Sparse layers left unchanged by this update: the method grows by gradient and they have none."""
+        if not self.method.needs_grad:
+            return []
+        names = [name for name, p in self._params.items() if p.grad is None]
+        if names:
+            _logger.warning(
+                "step %d: %d sparse layer(s) have no gradient (first: %s); method %r grows by gradient, "
+                "so they keep their mask in this topology update",
+                self.step,
+                len(names),
+                names[:3],
+                self.method.name,
+            )
+        return names
 
     def _grad_ema_of(self, name: str) -> torch.Tensor | None:
         return None if self._grad_ema is None else self._grad_ema[name]
@@ -392,6 +416,7 @@ class Sparsifier:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        _mark_owner(self.optimizer, None)
 
     def embed_in_optimizer_state(self) -> None:
         """Also carry this sparsifier's state inside ``optimizer.state_dict()`` under ``"itop_timm"``
@@ -490,6 +515,29 @@ def _densities(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Fraction of ``True`` values of every (full) mask."""
     counts = global_counts(list(masks.values()))
     return {name: c / m.numel() for (name, m), c in zip(masks.items(), counts, strict=True)}
+
+
+_OWNER_ATTR = "_itop_timm_sparsifier"
+
+
+def _mark_owner(optimizer: torch.optim.Optimizer, sparsifier: Sparsifier | None) -> None:
+    """Record (weakly: no reference cycle, not pickled by ``Optimizer.__getstate__``) which sparsifier
+    hooks ``optimizer``; ``None`` clears the record. The optimizer's id is kept too, so a
+    ``copy.deepcopy`` of it does not count as sparsified."""
+    record = None if sparsifier is None else (weakref.ref(sparsifier), id(optimizer))
+    setattr(optimizer, _OWNER_ATTR, record)
+
+
+def _refuse_second_sparsifier(optimizer: torch.optim.Optimizer) -> None:
+    """A second :func:`sparsify` on an optimizer that already has a hooked sparsifier would stack a
+    second mask hook (the densities multiply); refuse it before anything changes."""
+    record = getattr(optimizer, _OWNER_ATTR, None)
+    owner = record[0]() if record is not None and record[1] == id(optimizer) else None
+    if owner is not None and owner._handles:
+        raise ValueError(
+            f"this optimizer is already sparsified ({owner!r}); a second sparsify would stack another "
+            "mask hook: keep using the first Sparsifier, or call its .remove() first"
+        )
 
 
 def sparsify(
