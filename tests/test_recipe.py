@@ -18,6 +18,7 @@ from helpers import make_disk_dataset, make_image_folder, write_idx, write_plugi
 import itop_timm
 from itop_timm.checkpoint import load_sparse
 from itop_timm.registry import METHODS
+from itop_timm.serialization import CheckpointError
 from itop_timm.training import load_config, run
 from itop_timm.training.config import TrainConfig
 from itop_timm.training.data import read_idx
@@ -109,7 +110,12 @@ def test_tiny_run_end_to_end(tiny_data, tmp_path):
     assert meta["density"] == pytest.approx(summary["density"]) and meta["itop_rate"] == pytest.approx(
         summary["itop_rate"]
     )
-    assert json.loads((out / "model" / "config.json").read_text())["label_names"] == ["c0", "c1", "c2", "c3"]
+    published = json.loads((out / "model" / "config.json").read_text())
+    assert published["label_names"] == ["c0", "c1", "c2", "c3"]
+    assert "tag" not in published["pretrained_cfg"] and "license" not in published["pretrained_cfg"]
+    recipe = meta["training_config"]  # what produced the weights, without local paths
+    assert recipe["sparsity"]["density"] == 0.3 and recipe["model"]["name"] == "test_resnet"
+    assert "run" not in recipe and "data_dir" not in recipe["data"]
     assert yaml.safe_load((out / "config.yaml").read_text())["sparsity"]["density"] == 0.3
 
 
@@ -215,8 +221,15 @@ def test_two_processes_under_accelerate_launch_hold_identical_masks(tiny_data, t
     assert len({r["mask_fingerprint"] for r in updates}) == len(updates)  # and they did change
 
 
-def test_kill_and_resume_matches_uninterrupted_run(tiny_data, tmp_path):
-    cfg = tiny_config(tiny_data, tmp_path / "whole", train={"epochs": 3}, sparsity={"method": "set"})
+@pytest.mark.parametrize("log_interval", [1, 3])  # 3: the checkpoint at step 8 falls between two log lines
+def test_kill_and_resume_matches_uninterrupted_run(tiny_data, tmp_path, log_interval):
+    cfg = tiny_config(
+        tiny_data,
+        tmp_path / "whole",
+        train={"epochs": 3},
+        sparsity={"method": "set"},
+        run={"log_interval": log_interval},
+    )
     (tmp_path / "whole.yaml").write_text(yaml.safe_dump(cfg))
     cfg["run"]["output_dir"] = str(tmp_path / "killed")
     (tmp_path / "killed.yaml").write_text(yaml.safe_dump(cfg))
@@ -251,6 +264,24 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     loss_a = [(r["step"], r["loss"]) for r in records(tmp_path / "whole", "train")]
     loss_b = [(r["step"], r["loss"]) for r in records(tmp_path / "killed", "train")]
     assert loss_a == loss_b  # the log was cut back to the checkpoint and continued identically
+    assert [step for step, _ in loss_a] == [s for s in range(1, 19) if s % log_interval == 0 or s == 18]
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupted"])
+def test_resume_without_a_loadable_rng_state_fails_loudly(tiny_data, tmp_path, damage):
+    out = tmp_path / "run"
+    run_config(tiny_config(tiny_data, out, train={"epochs": 1}))
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    checkpoint = sorted((out / "checkpoints").iterdir())[-1]
+    rng = checkpoint / "random_states_0.pkl"
+    if damage == "missing":
+        rng.unlink()
+    else:
+        rng.write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=r"random number generator state .*would\s+not reproduce"):
+        run_config(tiny_config(tiny_data, out, train={"epochs": 1}, run={"resume": "latest"}))
 
 
 def test_bf16_autocast_on_cpu(tiny_data, tmp_path):
@@ -331,6 +362,40 @@ def test_bad_config_keys_list_the_valid_ones(tmp_path):
         timeout=300,
     )
     assert result.returncode == 2 and "unknown config key 'sparsity.densty'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("!!python/object/apply:os.system ['touch {marker}']\n", "not valid YAML"),
+        ("model: !!python/name:os.system\n", "not valid YAML"),
+        ("- model\n- data\n", "expected a mapping of sections .* got a list"),
+        ("model: {name: [resnet18\n", "not valid YAML"),
+        ("just text\n", "expected a mapping of sections .* got a str"),
+    ],
+)
+def test_bad_yaml_config_gives_a_clean_error(tmp_path, text, message):
+    marker = tmp_path / "payload_ran"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.format(marker=marker))
+    with pytest.raises(ValueError, match=message):
+        load_config(bad)
+    result = subprocess.run(
+        [sys.executable, str(RECIPE), "--config", str(bad)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert str(bad) in result.stderr and not marker.exists()  # the payload never runs
+    with pytest.raises(ValueError, match="--optim.lr: not valid YAML"):
+        load_config(None, ["--optim.lr", "!!python/object/apply:os.system ['true']"])
+    good = tmp_path / "good.yaml"  # the neighbour: an empty file and a plain mapping load
+    good.write_text("")
+    assert load_config(good).optim.lr == 0.1
+    good.write_text("optim: {lr: 0.05}\n")
+    assert load_config(good).optim.lr == 0.05
 
 
 def test_resume_with_a_different_config_is_refused_and_nothing_is_overwritten(tiny_data, tmp_path):

@@ -22,7 +22,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..serialization import CheckpointError, atomic_write_text, load_state_file, save_state_file
+from ..serialization import (
+    CheckpointError,
+    atomic_write_text,
+    load_state_file,
+    read_json_file,
+    save_state_file,
+)
 
 __all__ = [
     "Stateful",
@@ -87,11 +93,12 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path:
 
 
 def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
+    """The run config stored in a training checkpoint (a :class:`CheckpointError` naming the file if unreadable)."""
     file = Path(path) / CONFIG_FILE
-    try:
-        return json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{file}: cannot read the run's config ({err})") from err
+    config = read_json_file(file, "run config")
+    if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
+        raise CheckpointError(f"{file}: cannot read the run's config (a mapping of sections is expected)")
+    return config
 
 
 def register_state_hooks(accelerator: Any, objects: Mapping[str, Stateful]) -> None:

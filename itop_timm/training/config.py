@@ -37,6 +37,7 @@ __all__ = [
     "parse_overrides",
     "config_differences",
     "RESUME_MAY_DIFFER",
+    "published_config",
 ]
 
 
@@ -415,8 +416,16 @@ def parse_overrides(args: Sequence[str]) -> dict[str, dict[str, Any]]:
                 f"unknown config key {key!r}{f' (did you mean {close}?)' if close else ''}; valid keys: {', '.join(valid)}"
             )
         section, name = key.split(".", 1)
-        out.setdefault(section, {})[name] = yaml.safe_load(raw) if raw != "" else None
+        out.setdefault(section, {})[name] = _parse_yaml(raw, f"--{key}") if raw != "" else None
     return out
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` (which never runs code) with its errors as a ``ValueError`` naming ``source``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{source}: not valid YAML (plain values only, no tags): {err}") from None
 
 
 def _merge(base: dict[str, Any], overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -437,9 +446,18 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} not found")
-        loaded = yaml.safe_load(path.read_text())
-        values = loaded or {}
         source = str(path)
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"config file {source!r} cannot be read: {err}") from None
+        loaded = _parse_yaml(text, f"config file {source!r}")
+        if loaded is not None and not isinstance(loaded, Mapping):
+            raise ValueError(
+                f"config file {source!r}: expected a mapping of sections (model, data, ...), "
+                f"got a {type(loaded).__name__}"
+            )
+        values = dict(loaded or {})
     parsed = parse_overrides(overrides) if not isinstance(overrides, Mapping) else overrides
     return TrainConfig.from_dict(_merge(values, parsed), source=source)
 
@@ -474,3 +492,17 @@ def config_differences(
             if name not in ignore and a.get(key) != b.get(key):
                 diffs.append(f"{name}: {a.get(key)!r} -> {b.get(key)!r}")
     return diffs
+
+
+#: settings left out of the config published with a model: where this machine keeps its data and runs
+PRIVATE_KEYS = frozenset({"data.data_dir", *(f"run.{f.name}" for f in dataclasses.fields(RunConfig))})
+
+
+def published_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings that produced the weights, for the checkpoint's metadata and model card (local
+    paths and run bookkeeping left out)."""
+    return {
+        section: {k: v for k, v in values.items() if f"{section}.{k}" not in PRIVATE_KEYS}
+        for section, values in cfg.to_dict().items()
+        if section != "run"
+    }

@@ -42,6 +42,7 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "read_idx",
     "fashion_mnist_from_idx",
+    "hub_dataset_id",
     "load_splits",
     "Splits",
     "build_transforms",
@@ -105,6 +106,12 @@ def _idx_path(folder: Path, stem: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def hub_dataset_id(name: str) -> str:
+    """The Hugging Face Hub id of a ``data.dataset`` name where it has one (``fashion_mnist`` is the
+    Hub's ``zalando-datasets/fashion_mnist``); other names are returned as they are."""
+    return {"fashion_mnist": "zalando-datasets/fashion_mnist"}.get(name, name)
 
 
 def fashion_mnist_from_idx(data_dir: str | Path = FASHION_MNIST_DIR, cache_dir: str | Path | None = None):

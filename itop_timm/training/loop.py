@@ -37,6 +37,7 @@ from .config import TrainConfig
 from .fsdp import enable_fsdp_on_cpu, fsdp_plugin
 from .preflight import InputError, preflight
 from .reporting import MetricsLog, check_masks_identical, evaluate, write_outputs
+from .resume import load_training_state, loss_window_state, restore_loss_window
 
 __all__ = ["run", "TrainState", "InputError"]
 
@@ -55,12 +56,17 @@ class TrainState:
     train_seconds: float = 0.0
     itop_history: list[dict[str, Any]] = field(default_factory=list)
     eval_history: list[dict[str, Any]] = field(default_factory=list)
+    # per process: [loss sum, batch count] of the batches not yet logged (exact resume of the loss log)
+    loss_window: list[list[float]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for key in self.__dataclass_fields__:
+            if key == "loss_window" and key not in state:  # checkpoints of older itop_timm versions
+                _logger.warning("the checkpoint has no loss window: the first logged loss may differ")
+                state = {**state, key: []}
             if key not in state:
                 raise ValueError(f"train state misses {key!r}")
             setattr(self, key, state[key])
@@ -138,7 +144,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     register_state_hooks(accelerator, stateful)
     if resume_dir is not None:
         with _not_training(sparsifier):
-            accelerator.load_state(str(resume_dir))
+            load_training_state(accelerator, resume_dir)
         _logger.info(
             "resumed from %s at step %d (epoch %d, batch %d)",
             resume_dir,
@@ -166,7 +172,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         dynamic_ncols=True,
     )
     loss_sum = torch.zeros((), device=accelerator.device)
-    loss_count = 0
+    loss_count = restore_loss_window(state.loss_window, accelerator, loss_sum)
     window_start, window_steps = time.perf_counter(), 0
     run_start = time.perf_counter() - state.train_seconds
 
@@ -182,6 +188,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     def checkpoint() -> None:
         state.train_seconds = time.perf_counter() - run_start
+        state.loss_window = loss_window_state(accelerator, loss_sum, loss_count)
         with _not_training(sparsifier):
             save_checkpoint(accelerator, output, state.step, config_dict, cfg.run.keep_checkpoints)
 

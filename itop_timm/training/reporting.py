@@ -15,8 +15,8 @@ from .. import plots
 from ..distributed import all_ranks_agree, is_sharded, masks_fingerprint
 from ..serialization import atomic_write_text
 from ..sparsifier import Sparsifier
-from .config import TrainConfig
-from .data import resolve_data_config
+from .config import TrainConfig, published_config
+from .data import hub_dataset_id, resolve_data_config
 
 __all__ = ["evaluate", "MetricsLog", "check_masks_identical", "write_outputs"]
 
@@ -139,7 +139,8 @@ def write_outputs(
             output / "model",
             model_name=cfg.model.name,
             metrics=metrics,
-            dataset=cfg.data.dataset,
+            dataset=hub_dataset_id(cfg.data.dataset),
+            training_config=published_config(cfg),
             label_names=class_names,
             data_config=resolve_data_config(cfg.data, cfg.model, model),
         )
