@@ -377,7 +377,7 @@ def test_bad_config_keys_list_the_valid_ones(tmp_path):
 def test_bad_yaml_config_gives_a_clean_error(tmp_path, text, message):
     marker = tmp_path / "payload_ran"
     bad = tmp_path / "bad.yaml"
-    bad.write_text(text.format(marker=marker))
+    bad.write_text(text.replace("{marker}", str(marker)))
     with pytest.raises(ValueError, match=message):
         load_config(bad)
     result = subprocess.run(
