@@ -177,6 +177,8 @@ class Sparsifier:
             OrderedDict()
         )  # weak-referenceable for RemovableHandle
         self._paused = False
+        # per (name, dtype): (the mask it was made from, its version, the mask as that dtype or None)
+        self._factors: dict[tuple[str, torch.dtype], tuple[torch.Tensor, int, torch.Tensor | None]] = {}
         self.apply_masks()
         self._handles = [self.optimizer.register_step_post_hook(self._after_optimizer_step)]
         _mark_owner(self.optimizer, self)
@@ -206,21 +208,39 @@ class Sparsifier:
                 if self._grad_ema is not None:
                     self._grad_ema[name] = self._grad_ema[name].to(p.device)
 
+    def _mask_factor(self, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """``masks[name]`` as a ``dtype`` tensor to multiply by, or ``None`` when it is all true.
+
+        Cached until the mask is replaced or changed in place (its version counter moves), so the
+        step hook neither converts bool to float nor reduces the mask on every step.
+        """
+        mask = local(self.masks[name])  # sharded: this rank's shard (a topology update writes into it)
+        cached = self._factors.get((name, dtype))
+        if cached is None or cached[0] is not mask or cached[1] != mask._version:
+            factor = None if bool(mask.all()) else mask.to(dtype)
+            cached = self._factors[(name, dtype)] = (mask, mask._version, factor)
+        return cached[2]
+
     @torch.no_grad()
     def apply_masks(self) -> None:
-        """Zero inactive weights and the optimizer state (tensors shaped like the weight) at those positions."""
+        """Zero inactive weights and the optimizer state (tensors shaped like the weight) at those positions.
+
+        One ``torch._foreach_mul_`` over every such tensor with the cached masks in the tensor's dtype;
+        tensors whose mask is all true are skipped. Each parameter keeps its own tensors (nothing is
+        flattened together), so sharded parameters mask their local shards only.
+        """
         self._follow_devices()
         tensors: list[torch.Tensor] = []
-        masks: list[torch.Tensor] = []
+        factors: list[torch.Tensor] = []
         for name, p in self._params.items():
-            mask = local(self.masks[name])  # sharded: this rank's shards only, no communication
-            tensors.append(local(p))
-            masks.append(mask)
-            for value in self.optimizer.state.get(p, {}).values():
+            for value in (p, *self.optimizer.state.get(p, {}).values()):
                 if isinstance(value, torch.Tensor) and value.shape == p.shape:
-                    tensors.append(local(value))
-                    masks.append(mask)
-        torch._foreach_mul_(tensors, masks)
+                    factor = self._mask_factor(name, value.dtype)
+                    if factor is not None:
+                        tensors.append(local(value))  # sharded: this rank's shard, no communication
+                        factors.append(factor)
+        if tensors:
+            torch._foreach_mul_(tensors, factors)
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._paused:
