@@ -22,6 +22,7 @@ from itop_timm.serialization import CheckpointError
 from itop_timm.training import load_config, run
 from itop_timm.training.config import TrainConfig
 from itop_timm.training.data import read_idx
+from itop_timm.training.resources import resolve_num_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train.py"
@@ -96,6 +97,9 @@ def test_tiny_run_end_to_end(tiny_data, tmp_path):
         assert key in summary
     assert summary["density"] == pytest.approx(0.3, abs=1e-3)
     assert summary["itop_rate"] > summary["density"]
+    # a small data set takes the in-memory path; run.num_threads: auto is logged in the summary
+    assert summary["data_path"] == "in_memory" and summary["num_workers"] == 0
+    assert summary["num_threads"] == resolve_num_threads("auto").threads == torch.get_num_threads()
     train = records(out, "train")
     assert [r["step"] for r in train] == list(range(1, 13))  # one JSON line per log step
     assert all({"loss", "lr", "density", "itop_rate", "samples_per_s"} <= set(r) for r in train)
@@ -146,10 +150,17 @@ def test_dense_and_static_runs(tiny_data, tmp_path):
     assert "itop_rate" not in dense
     model, masks, meta = load_sparse(tmp_path / "dense" / "model")
     assert masks == {} and meta["method"] == "dense"
-    static = run_config(
-        tiny_config(tiny_data, tmp_path / "static", sparsity={"method": "static"}, train={"epochs": 1})
+    static = run_config(  # and timm's PIL transforms when the in-memory path is switched off
+        tiny_config(
+            tiny_data,
+            tmp_path / "static",
+            sparsity={"method": "static"},
+            train={"epochs": 1},
+            data={"in_memory": False},
+        )
     )
     assert static["itop_rate"] == pytest.approx(static["density"])
+    assert dense["data_path"] == "in_memory" and static["data_path"] == "pil"
 
 
 def test_fashion_mnist_idx_source(tmp_path):

@@ -37,12 +37,14 @@ def create_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
 
 
 def build_loaders(
-    cfg: TrainConfig, splits: Any, model: torch.nn.Module
+    cfg: TrainConfig, splits: Any, model: torch.nn.Module, workers: int
 ) -> tuple[ImageClassificationDataset, dict[str, Any]]:
-    """The training set (its augmentation is seeded per epoch) and the train/val/test(/bn) DataLoaders."""
+    """The training set (its augmentation is seeded per epoch) and the train/val/test(/bn) DataLoaders
+    of timm's PIL transforms, run by ``workers`` loader processes (the in-memory path:
+    :func:`itop_timm.training.tensor_data.build_tensor_loaders`)."""
     train_tf, eval_tf = build_transforms(cfg.data, cfg.model, model)
     mode = "L" if cfg.model.in_chans == 1 else "RGB"
-    seed, workers = cfg.train.seed, cfg.data.num_workers
+    seed = cfg.train.seed
 
     def dataset(split: Any, transform: Any, augment_seed: int | None = None) -> ImageClassificationDataset:
         return ImageClassificationDataset(

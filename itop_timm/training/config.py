@@ -70,7 +70,18 @@ class DataConfig:
     max_eval_samples: int | None = option("subsample the validation and test splits")
     batch_size: int = option("training batch size per process", 128)
     eval_batch_size: int = option("evaluation batch size per process", 256)
-    num_workers: int = option("DataLoader worker processes", 1)
+    num_workers: int | str = option(
+        "DataLoader worker processes: auto = the cores the compute threads leave (CPU), all of the "
+        "process's share but one (GPU); the in-memory path needs none",
+        "auto",
+    )
+    in_memory: bool | None = option(
+        "decode every split once into a uint8 tensor and augment batches with tensor ops on the training "
+        "device (crop pad/none, no colour jitter); null: when the decoded splits fit in in_memory_max_mb"
+    )
+    in_memory_max_mb: int = option(
+        "size limit (MiB of decoded uint8 images) of the automatic in-memory path", 2048
+    )
     mean: list[float] | None = option(
         "normalisation mean (null: timm's for the model, averaged for 1 channel)"
     )
@@ -192,6 +203,11 @@ class RunConfig:
         "modules imported before the config is resolved (they register methods, distributions, schedules)",
         factory=list,
     )
+    num_threads: int | str = option(
+        "torch CPU threads per process: auto = usable cores (os.sched_getaffinity) / local processes, "
+        "unless OMP_NUM_THREADS was exported by the user (not by accelerate launch / torchrun)",
+        "auto",
+    )
 
 
 @dataclass
@@ -285,7 +301,7 @@ class TrainConfig:
             (self.model.num_classes is None or self.model.num_classes >= 1, "model.num_classes must be >= 1"),
             (0.0 <= self.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)"),
             (self.data.batch_size >= 1 and self.data.eval_batch_size >= 1, "data batch sizes must be >= 1"),
-            (self.data.num_workers >= 0, "data.num_workers must be >= 0"),
+            (self.data.in_memory_max_mb >= 0, "data.in_memory_max_mb must be >= 0"),
             (
                 self.data.crop in ("pad", "rrc", "none"),
                 f"data.crop must be pad, rrc or none, got {self.data.crop!r}",
@@ -310,6 +326,16 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.data.in_memory:
+            from .tensor_data import in_memory_eligible
+
+            why_not = in_memory_eligible(self.data)
+            if why_not is not None:
+                raise ValueError(f"data.in_memory=true is not possible with {why_not}")
+        from .resources import check_num_threads, check_num_workers
+
+        check_num_threads(self.run.num_threads)
+        check_num_workers(self.data.num_workers)
 
     @property
     def dense(self) -> bool:
@@ -474,6 +500,7 @@ RESUME_MAY_DIFFER = frozenset(
         "run.keep_checkpoints",
         "run.output_dir",
         "data.num_workers",
+        "run.num_threads",
         "data.eval_batch_size",
         "data.data_dir",
     }

@@ -37,7 +37,9 @@ from .config import TrainConfig
 from .fsdp import enable_fsdp_on_cpu, fsdp_plugin
 from .preflight import InputError, preflight
 from .reporting import MetricsLog, check_masks_identical, evaluate, write_outputs
+from .resources import configure_threads, resolve_num_workers
 from .resume import load_training_state, loss_window_state, restore_loss_window
+from .tensor_data import build_tensor_loaders, device_batches, use_in_memory
 
 __all__ = ["run", "TrainState", "InputError"]
 
@@ -115,9 +117,18 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         atomic_write_text(output / "config.yaml", cfg.to_yaml())
     accelerator.wait_for_everyone()
     set_seed(cfg.train.seed)
+    threads = configure_threads(cfg.run.num_threads)
 
     model = create_model(cfg, num_classes)
-    train_set, loaders = build_loaders(cfg, splits, model)
+    in_memory = use_in_memory(cfg.data, cfg.model, [splits.train, splits.val, splits.test])
+    if in_memory:  # decoded once, augmented per batch on the device: workers only when asked for
+        workers = 0 if cfg.data.num_workers == "auto" else int(cfg.data.num_workers)
+        pin = accelerator.device.type == "cuda"
+        train_set, loaders = build_tensor_loaders(cfg, splits, model, workers, pin_memory=pin)
+    else:
+        workers = resolve_num_workers(cfg.data.num_workers, threads, accelerator.device.type)
+        train_set, loaders = build_loaders(cfg, splits, model, workers)
+    _logger.info("data: %s path, %d loader worker(s)", "in-memory" if in_memory else "PIL", workers)
     optimizer = build_optimizer(cfg, model)
     names = list(loaders)
     prepared = accelerator.prepare(model, optimizer, *[loaders[n] for n in names])
@@ -202,7 +213,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         loader = train_loader
         if state.batches_in_epoch:
             loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-        for x, y in loader:
+        for x, y in device_batches(loader, train_set, epoch):
             with accelerator.accumulate(model):
                 loss = criterion(model(x), y)
                 accelerator.backward(loss)
@@ -316,6 +327,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "samples_per_s": total_steps * samples_per_step / max(state.train_seconds, 1e-9),
         "best_val_top1": state.best_val_top1 if "val" in loaders else None,
         "best_epoch": state.best_epoch if "val" in loaders else None,
+        "num_threads": threads.threads,
+        "num_threads_source": threads.source,
+        "num_workers": workers,
+        "data_path": "in_memory" if in_memory else "pil",
     }
     if sparsifier is not None:
         summary |= {
