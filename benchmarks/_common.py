@@ -98,7 +98,6 @@ def fashion_mnist_config(
             "max_eval_samples": eval_samples,
             "batch_size": batch_size,
             "eval_batch_size": 500,
-            "num_workers": 1,
             "mean": [0.2860],
             "std": [0.3530],
             "crop": "pad",

@@ -14,6 +14,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from _common import RESULTS, ROOT
 
@@ -59,6 +60,37 @@ def overhead() -> str:
             + _machine(data)
         )
     return "\n\n".join(parts) or "*not run yet*"
+
+
+def throughput() -> str:
+    data = _load("throughput_cpu.json")
+    if not data:
+        return "*not run yet*"
+    s = data["settings"]
+    header = "| model | bare loop | A/A (bare copy / bare) | recipe dense | dense / bare | recipe RigL d=0.1 | RigL / bare |"
+    rows = [
+        f"| {r['model']} ({r['img_size']} px) | {r['bare_samples_per_s']:.0f} | {r['bare_control_ratio']:.3f} | "
+        f"{r['recipe_dense_samples_per_s']:.0f} | **{r['recipe_dense_ratio']:.3f}** | "
+        f"{r['recipe_rigl_samples_per_s']:.0f} | **{r['recipe_rigl_ratio']:.3f}** |"
+        for r in data["results"]
+    ]
+    oheader = "| resnet18 | batch | dense step | sparse / dense | ITOP reference / dense | A/A control | mask hook (ms) | ITOP reference masking (ms) |"
+    orows = [
+        f"| {o['img_size']} px, {o['in_chans']} ch | {o['batch_size']} | {o['dense_step_s'] * 1e3:.0f} ms | **{o['step_ratio']:.3f}** | "
+        f"{o['reference_ratio']:.3f} | {o['control_ratio']:.3f} | {o['mask_hook_s'] * 1e3:.2f} | {o['reference_hook_s'] * 1e3:.2f} |"
+        for o in data["overhead"]
+    ]
+    return (
+        f"Command: `{data['command']}` — batch {s['batch_size']}, {s['steps']} steps per run in windows of "
+        f"{s['log_interval']}, {s['rounds']} alternating rounds (samples/s, medians), "
+        f"{data['wall_time_s'] / 60:.0f} min in all.\n\n"
+        + _table(header, rows)
+        + f"\n\n![throughput](benchmarks/results/{Path(data['plot']).name})\n\n"
+        + f"Step overhead (median of {s['overhead_steps']} interleaved steps per copy):\n\n"
+        + _table(oheader, orows)
+        + "\n\n"
+        + _machine(data)
+    )
 
 
 def accuracy() -> str:
@@ -162,6 +194,7 @@ def structured() -> str:
 
 SECTIONS: dict[str, Callable[[], str]] = {
     "overhead": overhead,
+    "throughput": throughput,
     "accuracy": accuracy,
     "scaling": scaling,
     "checkpoints": checkpoints,

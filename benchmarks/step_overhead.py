@@ -1,9 +1,11 @@
 """Training-step overhead of the sparsifier, measured as ratios inside one process.
 
-For each model: three identical copies, two dense and one sparsified (RigL, ERK, density 0.1). Their
-steps interleave (rotating order) on the same batches, so drift in machine speed hits all alike; the
-medians give the per-step ratio sparse/dense (steps without a topology update), and the second dense
-copy gives the noise floor of the measurement (dense/dense, an A/A control). Then one topology
+For each model: four identical copies, two dense, one sparsified (RigL, ERK, density 0.1) and one
+masked the way the ITOP reference code does (same masks, float32, ``tensor.data = tensor.data * mask``
+on the weight and the momentum buffer after ``optimizer.step()``). Their steps interleave (rotating
+order) on the same batches, so drift in machine speed hits all alike; the medians give the per-step
+ratios sparse/dense and reference/dense (steps without a topology update), and the second dense copy
+gives the noise floor of the measurement (dense/dense, an A/A control). Then one topology
 update is timed on its own (median of several calls) and expressed in dense-step units. The extra
 state the sparsifier holds (masks, union) is reported in bytes per sparse parameter.
 
@@ -35,25 +37,43 @@ def sparsifier_state_bytes(sp: itop_timm.Sparsifier) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def itop_reference_masking(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, masks: dict[str, torch.Tensor]
+) -> None:
+    """``Masking.apply_mask`` of the ITOP reference code (Liu et al. 2021, ``sparselearning/core.py``):
+    float32 masks, a new weight tensor and momentum buffer per layer and step."""
+    for name, tensor in model.named_parameters():
+        if name in masks:
+            tensor.data = tensor.data * masks[name]
+            state = optimizer.state[tensor]
+            if "momentum_buffer" in state:
+                state["momentum_buffer"] = state["momentum_buffer"] * masks[name]
+
+
 def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     kwargs = {"img_size": args.img_size} if "vit" in name or "deit" in name or "mixer" in name else {}
     torch.manual_seed(0)
-    dense = timm.create_model(name, pretrained=False, num_classes=args.num_classes, **kwargs).to(device)
+    dense = timm.create_model(
+        name, pretrained=False, num_classes=args.num_classes, in_chans=args.in_chans, **kwargs
+    ).to(device)
     control = copy.deepcopy(dense)
     sparse = copy.deepcopy(dense)
+    reference = copy.deepcopy(dense)
 
     def sgd(model):
         return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
-    opt_dense, opt_control, opt_sparse = sgd(dense), sgd(control), sgd(sparse)
+    opt_dense, opt_control, opt_sparse, opt_reference = sgd(dense), sgd(control), sgd(sparse), sgd(reference)
     total = args.warmup + args.steps
     sp = itop_timm.sparsify(
         sparse, opt_sparse, method=args.method, density=args.density, update_interval=10**9, total_steps=10**9
     )
+    reference_masks = {n: m.to(torch.float32) for n, m in sp.masks.items()}
+    itop_reference_masking(reference, opt_reference, reference_masks)
     g = torch.Generator().manual_seed(0)
     batches = [
         (
-            torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device),
+            torch.randn(args.batch_size, args.in_chans, args.img_size, args.img_size, generator=g).to(device),
             torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device),
         )
         for _ in range(min(total, 4))
@@ -61,28 +81,35 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     sync = device.type == "cuda"
 
-    def step(model, opt, batch):
+    def step(model, opt, batch, after=None):
         x, y = batch
         opt.zero_grad(set_to_none=True)
         with amp:
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
+        if after is not None:
+            after()
 
-    dense_times, control_times, sparse_times = [], [], []
+    dense_times, control_times, sparse_times, reference_times = [], [], [], []
+    reference_after = functools.partial(itop_reference_masking, reference, opt_reference, reference_masks)
     runs = [
-        (dense, opt_dense, dense_times),
-        (control, opt_control, control_times),
-        (sparse, opt_sparse, sparse_times),
+        (dense, opt_dense, dense_times, None),
+        (control, opt_control, control_times, None),
+        (sparse, opt_sparse, sparse_times, None),
+        (reference, opt_reference, reference_times, reference_after),
     ]
     for i in range(total):
         batch = batches[i % len(batches)]
         # rotate the order so no copy always follows the same one
-        for model, opt, times in runs[i % 3 :] + runs[: i % 3]:
-            t = timed(functools.partial(step, model, opt, batch), sync)
+        for model, opt, times, after in runs[i % len(runs) :] + runs[: i % len(runs)]:
+            t = timed(functools.partial(step, model, opt, batch, after), sync)
             if i >= args.warmup:
                 times.append(t)
-    hook_times = [timed(sp.apply_masks, sync) for _ in range(args.steps)]
+    hook_times, reference_hook_times = [], []
+    for _ in range(args.steps):
+        hook_times.append(timed(sp.apply_masks, sync))
+        reference_hook_times.append(timed(reference_after, sync))
     update_times = [timed(sp.update_topology, sync) for _ in range(args.updates)]
     dense_step = median(dense_times)
     result = {
@@ -94,6 +121,9 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         "sparse_step_s": median(sparse_times),
         "step_ratio": median(sparse_times) / dense_step,
         "control_ratio": median(control_times) / dense_step,
+        "reference_step_s": median(reference_times),
+        "reference_ratio": median(reference_times) / dense_step,
+        "reference_hook_s": median(reference_hook_times),
         "mask_hook_s": median(hook_times),
         "mask_hook_fraction_of_dense_step": median(hook_times) / dense_step,
         "update_s": median(update_times),
@@ -183,6 +213,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--in-chans", type=int, default=3, help="input channels (1: Fashion-MNIST)")
     parser.add_argument("--steps", type=int, default=15, help="timed steps per model (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--updates", type=int, default=5, help="timed topology updates")
@@ -223,11 +254,13 @@ def main() -> None:
     )
     path = write_json(out, payload)
     print(
-        f"{'model':28s} {'dense step':>11s} {'sparse/dense':>13s} {'A/A control':>12s} {'update (dense steps)':>21s} {'state B/param':>14s}"
+        f"{'model':28s} {'dense step':>11s} {'sparse/dense':>13s} {'ITOP ref/dense':>15s} {'A/A control':>12s} "
+        f"{'update (dense steps)':>21s} {'state B/param':>14s}"
     )
     for r in results:
         print(
-            f"{r['model']:28s} {r['dense_step_s'] * 1e3:9.1f}ms {r['step_ratio']:13.3f} {r['control_ratio']:12.3f} "
+            f"{r['model']:28s} {r['dense_step_s'] * 1e3:9.1f}ms {r['step_ratio']:13.3f} {r['reference_ratio']:15.3f} "
+            f"{r['control_ratio']:12.3f} "
             f"{r['update_in_dense_steps']:21.2f} {r['extra_state_bytes_per_sparse_param']:14.1f}"
         )
         if "peak_rss_ratio" in r:
