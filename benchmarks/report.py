@@ -74,10 +74,19 @@ def throughput() -> str:
         f"{r['recipe_rigl_samples_per_s']:.0f} | **{r['recipe_rigl_ratio']:.3f}** |"
         for r in data["results"]
     ]
-    oheader = "| resnet18 | batch | dense step | sparse / dense | ITOP reference / dense | A/A control | mask hook (ms) | ITOP reference masking (ms) |"
+    oheader = (
+        "| resnet18 | batch | dense step | sparse / dense | ITOP reference / dense | A/A control | hook: bool masks "
+        "(before) | hook: cached masks (default) | hook: compiled (`compile_hook`) | ITOP reference masking |"
+    )
+
+    def pct(o: dict, key: str) -> str:
+        value = o.get(f"{key}_fraction_of_dense_step")
+        return "–" if value is None else f"{100 * value:.2f} % ({o[key + '_s'] * 1e3:.1f} ms)"
+
     orows = [
-        f"| {o['img_size']} px, {o['in_chans']} ch | {o['batch_size']} | {o['dense_step_s'] * 1e3:.0f} ms | **{o['step_ratio']:.3f}** | "
-        f"{o['reference_ratio']:.3f} | {o['control_ratio']:.3f} | {o['mask_hook_s'] * 1e3:.2f} | {o['reference_hook_s'] * 1e3:.2f} |"
+        f"| {o['img_size']} px, {o['in_chans']} ch | {o['batch_size']} | {o['dense_step_s'] * 1e3:.0f} ms | {o['step_ratio']:.3f} | "
+        f"{o['reference_ratio']:.3f} | {o['control_ratio']:.3f} | {pct(o, 'bool_hook')} | **{pct(o, 'mask_hook')}** | "
+        f"**{pct(o, 'compiled_hook')}** | {pct(o, 'reference_hook')} |"
         for o in data["overhead"]
     ]
     return (

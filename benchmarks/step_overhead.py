@@ -50,6 +50,28 @@ def itop_reference_masking(
                 state["momentum_buffer"] = state["momentum_buffer"] * masks[name]
 
 
+@torch.no_grad()
+def bool_mask_hook(sp: itop_timm.Sparsifier) -> None:
+    """The step hook before issue 13: one ``torch._foreach_mul_`` with the bool masks (promoted to
+    float on every call)."""
+    tensors, masks = [], []
+    for name, p in sp._params.items():
+        for value in (p, *sp.optimizer.state.get(p, {}).values()):
+            if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                tensors.append(value)
+                masks.append(sp.masks[name])
+    torch._foreach_mul_(tensors, masks)
+
+
+def compiled_hook(sp: itop_timm.Sparsifier) -> None:
+    """``apply_masks`` with ``compile_hook`` on (a fused ``torch.compile``-d kernel per layer)."""
+    sp.compile_hook = True
+    try:
+        sp.apply_masks()
+    finally:
+        sp.compile_hook = False
+
+
 def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     kwargs = {"img_size": args.img_size} if "vit" in name or "deit" in name or "mixer" in name else {}
     torch.manual_seed(0)
@@ -69,6 +91,7 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         sparse, opt_sparse, method=args.method, density=args.density, update_interval=10**9, total_steps=10**9
     )
     reference_masks = {n: m.to(torch.float32) for n, m in sp.masks.items()}
+    bool_hook = functools.partial(bool_mask_hook, sp)
     itop_reference_masking(reference, opt_reference, reference_masks)
     g = torch.Generator().manual_seed(0)
     batches = [
@@ -106,10 +129,16 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
             t = timed(functools.partial(step, model, opt, batch, after), sync)
             if i >= args.warmup:
                 times.append(t)
-    hook_times, reference_hook_times = [], []
-    for _ in range(args.steps):
-        hook_times.append(timed(sp.apply_masks, sync))
-        reference_hook_times.append(timed(reference_after, sync))
+    hooks = {"mask_hook_s": sp.apply_masks, "reference_hook_s": reference_after, "bool_hook_s": bool_hook}
+    if getattr(args, "compiled_hook", False):
+        compiled = functools.partial(compiled_hook, sp)
+        compiled()  # compiles
+        hooks["compiled_hook_s"] = compiled
+    hook_times: dict[str, list[float]] = {key: [] for key in hooks}
+    for i in range(args.steps):  # interleaved, rotating order
+        order = list(hooks)[i % len(hooks) :] + list(hooks)[: i % len(hooks)]
+        for key in order:
+            hook_times[key].append(timed(hooks[key], sync))
     update_times = [timed(sp.update_topology, sync) for _ in range(args.updates)]
     dense_step = median(dense_times)
     result = {
@@ -123,9 +152,11 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         "control_ratio": median(control_times) / dense_step,
         "reference_step_s": median(reference_times),
         "reference_ratio": median(reference_times) / dense_step,
-        "reference_hook_s": median(reference_hook_times),
-        "mask_hook_s": median(hook_times),
-        "mask_hook_fraction_of_dense_step": median(hook_times) / dense_step,
+        **{key: median(times) for key, times in hook_times.items()},
+        **{
+            key[: -len("_s")] + "_fraction_of_dense_step": median(times) / dense_step
+            for key, times in hook_times.items()
+        },
         "update_s": median(update_times),
         "update_in_dense_steps": median(update_times) / dense_step,
         "extra_state_bytes_per_sparse_param": sparsifier_state_bytes(sp) / sp.num_sparse_weights,
@@ -227,6 +258,11 @@ def main() -> None:
         "--memory",
         action="store_true",
         help="also measure peak RSS of dense vs sparse training (child processes)",
+    )
+    parser.add_argument(
+        "--compiled-hook",
+        action="store_true",
+        help="also time the hook with compile_hook=True (compiles once)",
     )
     parser.add_argument("--child", choices=["dense", "sparse"], help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ class BareLoop:
         start = time.perf_counter()
         for _ in range(steps):
             loss = self._step()
-        float(loss)  # one host sync per window, as the recipe's logging does
+        float(loss.detach())  # one host sync per window, as the recipe's logging does
         if sync:
             torch.cuda.synchronize()
         return steps * self.batch_size / (time.perf_counter() - start)
@@ -160,7 +161,7 @@ def hook_overhead(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """step_overhead.measure at the demo's shape (28 px) and at 224 px."""
     shapes = [(28, args.batch_size, 1, 10), (224, 32, 3, 1000)]
     if args.quick:
-        shapes = [(28, 8, 1, 10), (64, 4, 3, 10)]
+        shapes = [(28, 4, 1, 10), (32, 2, 3, 10)]
     out = []
     for img_size, batch, chans, classes in shapes:
         ns = argparse.Namespace(
@@ -174,6 +175,7 @@ def hook_overhead(args: argparse.Namespace, device: torch.device) -> list[dict]:
             method="rigl",
             density=0.1,
             bf16=False,
+            compiled_hook=not args.quick,
         )
         r = step_overhead.measure("resnet18", ns, device)
         out.append({"img_size": img_size, "batch_size": batch, "in_chans": chans, **r})
@@ -215,7 +217,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny batches, few steps")
     args = parser.parse_args()
     if args.quick:
-        args.models, args.batch_size, args.steps, args.log_interval = ["resnet18"], 16, 6, 2
+        args.models, args.batch_size, args.steps, args.log_interval = ["resnet18"], 8, 4, 2
         args.rounds, args.overhead_steps = 1, 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
@@ -229,7 +231,7 @@ def main() -> None:
         "machine": machine(),
         "device": str(device),
         "settings": vars(args),
-        "command": "uv run python benchmarks/throughput.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["uv run python benchmarks/throughput.py", *sys.argv[1:]]),
         "results": results,
         "overhead": overhead,
         "wall_time_s": time.perf_counter() - started,

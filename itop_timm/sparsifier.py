@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import weakref
@@ -113,9 +114,11 @@ class Sparsifier:
         optimizer: torch.optim.Optimizer,
         config: SparsityConfig,
         masks: Mapping[str, torch.Tensor] | None = None,
+        compile_hook: bool = False,
     ) -> None:
         check_supported_wrapping(model, optimizer)
         self.model = unwrap_model(model)
+        self.compile_hook = compile_hook
         self.optimizer = unwrap_optimizer(optimizer)
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -230,6 +233,9 @@ class Sparsifier:
         flattened together), so sharded parameters mask their local shards only.
         """
         self._follow_devices()
+        if self.compile_hook:
+            self._apply_masks_compiled()
+            return
         tensors: list[torch.Tensor] = []
         factors: list[torch.Tensor] = []
         for name, p in self._params.items():
@@ -241,6 +247,20 @@ class Sparsifier:
                         factors.append(factor)
         if tensors:
             torch._foreach_mul_(tensors, factors)
+
+    def _apply_masks_compiled(self) -> None:
+        """``apply_masks`` as one ``torch.compile``-d function: per layer, one fused kernel reads the
+        bool mask once and zeroes the weight and its optimizer state (compiled on first use and again
+        when the set of state tensors changes, e.g. after the first step)."""
+        groups: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        for name, p in self._params.items():
+            if self._mask_factor(name, torch.bool) is None:  # all true: nothing to zero
+                continue
+            state = self.optimizer.state.get(p, {}).values()
+            tensors = [p, *(v for v in state if isinstance(v, torch.Tensor) and v.shape == p.shape)]
+            groups.append((local(self.masks[name]), [local(t) for t in tensors]))  # sharded: local shards
+        if groups:
+            _compiled_zero_off_mask()(groups)
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._paused:
@@ -560,6 +580,18 @@ def _refuse_second_sparsifier(optimizer: torch.optim.Optimizer) -> None:
         )
 
 
+def _zero_off_mask(groups: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> None:
+    """In place, for each (bool mask, tensors): every tensor becomes ``where(mask, tensor, 0)``."""
+    for mask, tensors in groups:
+        for t in tensors:
+            t.copy_(torch.where(mask, t, 0.0))
+
+
+@functools.cache
+def _compiled_zero_off_mask() -> Any:
+    return torch.compile(_zero_off_mask, dynamic=False)
+
+
 def sparsify(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -577,6 +609,7 @@ def sparsify(
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
     masks: Mapping[str, torch.Tensor] | None = None,
+    compile_hook: bool = False,
 ) -> Sparsifier:
     """Train ``model`` sparse: draw masks, zero inactive weights and hook ``optimizer.step``.
 
@@ -597,6 +630,10 @@ def sparsify(
             (see :func:`itop_timm.densities.sparse_parameter_shapes`).
         masks: start from these masks (``{name: bool tensor}``, e.g. from ``load_sparse``) instead of
             random ones; their densities are kept.
+        compile_hook: re-mask through a ``torch.compile``-d kernel per layer that reads each bool mask
+            once for the weight and all its optimizer state (the cheapest hook on the CPU; costs one
+            compilation of tens of seconds at the start, so it pays off on long runs). Off: one
+            ``torch._foreach_mul_`` with masks cached in the tensors' dtype.
 
     Every argument is validated before the model or optimizer is touched; bad values raise ``ValueError``
     naming the value and what is allowed. Arguments left ``None`` take the method's defaults, then
@@ -616,4 +653,4 @@ def sparsify(
         include=include,
         exclude=exclude,
     )
-    return Sparsifier(model, optimizer, config, masks=masks)
+    return Sparsifier(model, optimizer, config, masks=masks, compile_hook=compile_hook)

@@ -259,6 +259,32 @@ def test_every_param_shaped_state_is_masked(kind):
     assert sp.itop_rate > sp.density
 
 
+@pytest.mark.parametrize("kind", ["sgd_nesterov", "adamw"])
+def test_compiled_hook_gives_the_same_zeros_and_weights(kind):
+    """compile_hook=True (a torch.compile-d where per layer) trains exactly like the foreach hook,
+    and also keeps weights and every param-shaped state zero off-mask after every step."""
+    runs = []
+    for compiled in (False, True):
+        model = tiny_cnn()
+        opt = OPTIMIZERS[kind](model.parameters())
+        sp = sparsify(
+            model, opt, method="rigl", density=0.2, update_interval=2, total_steps=50, compile_hook=compiled
+        )
+
+        def check(step, model=model, opt=opt, sp=sp):
+            for name, p in model.named_parameters():
+                if name in sp.masks:
+                    off = ~sp.masks[name]
+                    states = [v for v in opt.state[p].values() if torch.is_tensor(v) and v.shape == p.shape]
+                    assert not p[off].any() and states and all(not v[off].any() for v in states)
+
+        train_steps(model, opt, 5, input_size=(3, 8, 8), on_step=check)
+        runs.append((snapshot(model), {n: m.clone() for n, m in sp.masks.items()}))
+    (w_eager, m_eager), (w_compiled, m_compiled) = runs
+    assert all(torch.equal(m_eager[n], m_compiled[n]) for n in m_eager)
+    assert all(torch.equal(w_eager[n], w_compiled[n]) for n in w_eager)
+
+
 def test_timm_registry_rigl_sgd_and_friends():
     model = timm.create_model("resnet10t", num_classes=10)
     opt = timm.optim.create_optimizer_v2(
