@@ -157,29 +157,29 @@ def measure_model(name: str, img_size: int, args: argparse.Namespace, device: to
     return result
 
 
-def hook_overhead(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    """step_overhead.measure at the demo's shape (28 px) and at 224 px."""
-    shapes = [(28, args.batch_size, 1, 10), (224, 32, 3, 1000)]
-    if args.quick:
-        shapes = [(28, 4, 1, 10), (32, 2, 3, 10)]
-    out = []
-    for img_size, batch, chans, classes in shapes:
-        ns = argparse.Namespace(
-            img_size=img_size,
-            batch_size=batch,
-            in_chans=chans,
-            num_classes=classes,
-            steps=args.overhead_steps,
-            warmup=3 if not args.quick else 1,
-            updates=2,
-            method="rigl",
-            density=0.1,
-            bf16=False,
-            compiled_hook=not args.quick,
-        )
-        r = step_overhead.measure("resnet18", ns, device)
-        out.append({"img_size": img_size, "batch_size": batch, "in_chans": chans, **r})
-    return out
+def hook_overhead(img_size: int, args: argparse.Namespace, device: torch.device) -> dict:
+    """step_overhead.measure for resnet18 at the demo's shape (28 px, 1 channel, 10 classes, the
+    benchmark's batch) or at ImageNet's (224 px, 3 channels, 1000 classes, ``--overhead-batch-224``)."""
+    batch, chans, classes = (args.batch_size, 1, 10) if img_size == 28 else (args.overhead_batch_224, 3, 1000)
+    ns = argparse.Namespace(
+        img_size=img_size,
+        batch_size=batch,
+        in_chans=chans,
+        num_classes=classes,
+        steps=args.overhead_steps,
+        warmup=1 if args.quick else 3,
+        updates=2,
+        method="rigl",
+        density=0.1,
+        bf16=False,
+        compiled_hook=not args.quick,
+    )
+    return {
+        "img_size": img_size,
+        "batch_size": batch,
+        "in_chans": chans,
+        **step_overhead.measure("resnet18", ns, device),
+    }
 
 
 def plot(results: list[dict], path: Path) -> Path:
@@ -213,32 +213,44 @@ def main() -> None:
     parser.add_argument("--log-interval", type=int, default=10, help="steps per timed window")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the four variants")
     parser.add_argument("--overhead-steps", type=int, default=30, help="timed steps per copy (hook overhead)")
+    parser.add_argument("--overhead-batch-224", type=int, default=32, help="batch of the 224 px overhead run")
+    parser.add_argument("--img-size-large", type=int, default=224, help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny batches, few steps")
     args = parser.parse_args()
     if args.quick:
         args.models, args.batch_size, args.steps, args.log_interval = ["resnet18"], 8, 4, 2
-        args.rounds, args.overhead_steps = 1, 2
+        args.rounds, args.overhead_steps, args.overhead_batch_224, args.img_size_large = 1, 2, 2, 32
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
     plan = resolve_num_threads("auto")  # what the recipe's run.num_threads: auto gives a lone process
     torch.set_num_threads(plan.threads)
     started = time.perf_counter()
-    results = [measure_model(name, MODELS[name], args, device) for name in args.models]
-    overhead = hook_overhead(args, device)
     payload: dict[str, Any] = {
         "benchmark": "throughput",
         "machine": machine(),
         "device": str(device),
         "settings": vars(args),
         "command": " ".join(["uv run python benchmarks/throughput.py", *sys.argv[1:]]),
-        "results": results,
-        "overhead": overhead,
-        "wall_time_s": time.perf_counter() - started,
+        "results": [],
+        "overhead": [],
     }
     suffix = f"{device.type}{'_quick' if args.quick else ''}"
-    payload["plot"] = str(plot(results, RESULTS / f"throughput_{suffix}.png"))
-    path = write_json(f"throughput_{suffix}.json", payload)
+    results, overhead = payload["results"], payload["overhead"]
+
+    def save() -> Path:  # after every stage, so an interrupted run keeps what it measured
+        payload["wall_time_s"] = time.perf_counter() - started
+        if results:
+            payload["plot"] = str(plot(results, RESULTS / f"throughput_{suffix}.png"))
+        return write_json(f"throughput_{suffix}.json", payload)
+
+    overhead.append(hook_overhead(28, args, device))
+    save()
+    for name in args.models:
+        results.append(measure_model(name, MODELS[name], args, device))
+        save()
+    overhead.append(hook_overhead(args.img_size_large, args, device))
+    path = save()
     print(
         f"{'model':24s} {'bare':>8s} {'A/A':>6s} {'dense':>8s} {'/bare':>6s} {'rigl':>8s} {'/bare':>6s}  (samples/s)"
     )
