@@ -129,3 +129,13 @@ def forge_metadata(files: dict, meta_json: str, relink: bool = True) -> dict:
             if name in files:
                 files[name] = save(load(files[name]), metadata={"itop_timm.sparsity_sha256": link})
     return files
+
+
+def write_folder(path, files: dict[str, bytes]):
+    """Make ``path`` hold exactly ``files`` (name -> bytes); returns ``path``."""
+    path.mkdir(parents=True, exist_ok=True)
+    for p in path.iterdir():
+        p.unlink()
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+    return path

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helpers import forge_metadata, safetensors_metadata, train_steps
+from helpers import forge_metadata, safetensors_metadata, train_steps, write_folder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -220,15 +220,6 @@ def reference(tmp_path_factory):
         "masks": dict(sp.masks),
         "other": other,
     }
-
-
-def write_folder(path: Path, files: dict[str, bytes]) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    for p in path.iterdir():
-        p.unlink()
-    for name, data in files.items():
-        (path / name).write_bytes(data)
-    return path
 
 
 def assert_error_or_identical(folder: Path, ref) -> str:

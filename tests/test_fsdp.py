@@ -75,9 +75,8 @@ def _init(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
-def save_and_reload(out_dir: str) -> dict:
-    """save_sparse on every rank of a sharded run, then seed a new sharded run from load_sparse's masks."""
-    model = shard(tiny_vit())
+def set_run(model: torch.nn.Module) -> tuple[torch.nn.Module, itop_timm.Sparsifier]:
+    """4 SGD steps of SET at density 0.3 on fixed inputs (sharded or not: the same run)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     sp = itop_timm.sparsify(
         model, optimizer, method="set", density=0.3, update_interval=2, total_steps=20, seed=1
@@ -87,6 +86,12 @@ def save_and_reload(out_dir: str) -> dict:
         optimizer.zero_grad()
         model(torch.randn(2, 3, 16, 16, generator=g)).sum().backward()
         optimizer.step()
+    return model, sp
+
+
+def save_and_reload(out_dir: str) -> dict:
+    """save_sparse on every rank of a sharded run, then seed a new sharded run from load_sparse's masks."""
+    model, sp = set_run(shard(tiny_vit()))
     folder = itop_timm.save_sparse(model, sp, os.path.join(out_dir, "sharded_model"))
     assert folder.is_dir()  # every rank returns once rank 0 has written it
     _, masks, _ = itop_timm.load_sparse(folder)
@@ -145,16 +150,7 @@ def test_sharded_save_sparse_writes_todays_folder(sharded_runs, tmp_path):
 
     out, runs = sharded_runs
     sharded = out / "sharded_model"
-    model = tiny_vit()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    sp = itop_timm.sparsify(
-        model, optimizer, method="set", density=0.3, update_interval=2, total_steps=20, seed=1
-    )
-    g = torch.Generator().manual_seed(0)
-    for _ in range(4):
-        optimizer.zero_grad()
-        model(torch.randn(2, 3, 16, 16, generator=g)).sum().backward()
-        optimizer.step()
+    model, sp = set_run(tiny_vit())
     single = itop_timm.save_sparse(model, sp, tmp_path / "single_model")
     assert sorted(p.name for p in sharded.iterdir()) == sorted(p.name for p in single.iterdir())
     assert (sharded / "config.json").read_text() == (single / "config.json").read_text()

@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 import yaml
-from helpers import forge_metadata, safetensors_metadata, train_steps
+from helpers import forge_metadata, safetensors_metadata, train_steps, write_folder
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -44,15 +44,6 @@ def outputs(model):
     )
     with torch.no_grad():
         return model(x)
-
-
-def write_folder(path: Path, files: dict[str, bytes]) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    for p in path.iterdir():
-        p.unlink()
-    for name, data in files.items():
-        (path / name).write_bytes(data)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -95,6 +95,15 @@ class DataConfig:
     hflip: float = option("probability of a horizontal flip, in [0, 1]", 0.5)
     color_jitter: float = option("colour jitter strength (0: off)", 0.0)
 
+    def in_memory_blocker(self) -> str | None:
+        """``None`` when the augmentation has a batched tensor version (the in-memory path can take
+        it), else why not (``rrc``, colour jitter)."""
+        if self.crop not in ("pad", "none"):
+            return f"data.crop={self.crop!r} (only pad and none have a batched tensor version)"
+        if self.color_jitter:
+            return f"data.color_jitter={self.color_jitter} (colour jitter has no batched tensor version)"
+        return None
+
 
 @dataclass
 class OptimConfig:
@@ -327,9 +336,7 @@ class TrainConfig:
             if not ok:
                 raise ValueError(message)
         if self.data.in_memory:
-            from .tensor_data import in_memory_eligible
-
-            why_not = in_memory_eligible(self.data)
+            why_not = self.data.in_memory_blocker()
             if why_not is not None:
                 raise ValueError(f"data.in_memory=true is not possible with {why_not}")
         from .resources import check_num_threads, check_num_workers

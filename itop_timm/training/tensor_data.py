@@ -30,7 +30,6 @@ from torch.utils.data import DataLoader, Dataset
 from .config import DataConfig, ModelConfig
 
 __all__ = [
-    "in_memory_eligible",
     "use_in_memory",
     "decode_split",
     "sample_keys",
@@ -46,15 +45,6 @@ _MASK31 = 0x7FFFFFFF
 _DRAW_X, _DRAW_Y, _DRAW_FLIP = 1, 2, 3
 
 
-def in_memory_eligible(cfg: DataConfig) -> str | None:
-    """``None`` when the augmentation has a tensor version, else why not (``rrc``, colour jitter)."""
-    if cfg.crop not in ("pad", "none"):
-        return f"data.crop={cfg.crop!r} (only pad and none have a batched tensor version)"
-    if cfg.color_jitter:
-        return f"data.color_jitter={cfg.color_jitter} (colour jitter has no batched tensor version)"
-    return None
-
-
 def _split_bytes(split: Any, channels: int, size: int) -> int:
     return 0 if split is None else len(split) * channels * size * size
 
@@ -64,7 +54,7 @@ def use_in_memory(cfg: DataConfig, model_cfg: ModelConfig, splits: Sequence[Any]
     has a tensor version and the decoded splits fit in ``data.in_memory_max_mb``."""
     if cfg.in_memory is not None:
         return cfg.in_memory
-    if in_memory_eligible(cfg) is not None:
+    if cfg.in_memory_blocker() is not None:
         return False
     total = sum(_split_bytes(s, model_cfg.in_chans, model_cfg.img_size) for s in splits)
     return total <= cfg.in_memory_max_mb * 2**20
