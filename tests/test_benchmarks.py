@@ -57,6 +57,7 @@ def test_step_overhead_quick(bench_env):
     assert "sparse/dense" in out
 
 
+@pytest.mark.slow
 def test_throughput_quick(bench_env):
     env, results = bench_env
     out = run_script("throughput.py", env, "--quick")

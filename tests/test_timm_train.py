@@ -69,6 +69,7 @@ def test_runner_trains_sparse_and_the_checkpoint_resumes_the_masks(tmp_path):
     assert resumed["fingerprint"] == r["fingerprint"]  # no topology update at step 5 (odd)
 
 
+@pytest.mark.slow  # 2 fresh processes importing timm: ~1 min on 2 cores
 def test_runner_under_torchrun_two_ranks_hold_identical_masks(tmp_path):
     out = run(
         [
