@@ -77,6 +77,7 @@ def test_checkpoint_sizes_quick(bench_env):
     assert row["sparsity"] == 0.9 and row["compact_ratio"] <= 0.15 < row["compact_with_union_ratio"] + 0.15
 
 
+@pytest.mark.slow  # 124 s on the CI machine, the longest test; run with -m slow
 def test_accuracy_vs_density_quick(bench_env):
     env, results = bench_env
     run_script("accuracy_vs_density.py", env, "--quick")

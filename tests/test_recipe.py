@@ -232,7 +232,9 @@ def test_two_processes_under_accelerate_launch_hold_identical_masks(tiny_data, t
     assert len({r["mask_fingerprint"] for r in updates}) == len(updates)  # and they did change
 
 
-@pytest.mark.parametrize("log_interval", [1, 3])  # 3: the checkpoint at step 8 falls between two log lines
+# 3: the checkpoint at step 8 falls between two log lines (the harder case, in the default suite);
+# 1 (every step logged) is -m slow: 77 s on the CI machine.
+@pytest.mark.parametrize("log_interval", [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_kill_and_resume_matches_uninterrupted_run(tiny_data, tmp_path, log_interval):
     cfg = tiny_config(
         tiny_data,
@@ -296,9 +298,12 @@ def test_resume_without_a_loadable_rng_state_fails_loudly(tiny_data, tmp_path, d
 
 
 def test_bf16_autocast_on_cpu(tiny_data, tmp_path):
-    summary = run_config(
-        tiny_config(tiny_data, tmp_path / "run", train={"mixed_precision": "bf16", "epochs": 1})
-    )
+    # 32 px, not the usual 16: at 16 px test_resnet's layer4 runs a 3x3 stride-2 convolution on a 1x1
+    # map, and torch 2.15's CPU bf16 backward for that shape leaves some weight-gradient entries
+    # unwritten (NaN in about 1 run in 5, on this project's dev machine and CI; see README, "Known
+    # issues"). At 32 px that layer sees a 2x2 map, which the same kernel computes correctly.
+    cfg = tiny_config(tiny_data, tmp_path / "run", train={"mixed_precision": "bf16", "epochs": 1})
+    summary = run_config({**cfg, "model": {**cfg["model"], "img_size": 32}})
     assert summary["total_steps"] == 6 and summary["itop_rate"] > summary["density"]
     model, masks, _ = load_sparse(tmp_path / "run" / "model")
     params = dict(model.named_parameters())
