@@ -1,13 +1,15 @@
 """Structured sparsity on Fashion-MNIST (timm resnet18, 1 channel): dense vs RMDA (group LASSO over
-torch-pruning's coupled channel groups, several λ) vs RigL-ITOP (density 0.1) + compaction.
+torch-pruning's coupled channel groups) vs Chase (channel-level DST, S_c 0.3 and 0.5) vs SRigL (constant
+fan-in DST), all at density 0.1 where sparse, several seeds; every model then compacted.
 
 Every model is trained through ``recipes/train.py``, loaded back with ``load_sparse`` and compacted
-with ``itop_timm.structured.compact`` (all-zero — or, for ITOP, all-masked — channel groups removed).
-Reported: test top-1 (checked identical before/after compaction), fraction of zero groups (weighted by
-size), params and MACs ratios (compacted / dense architecture) and the measured CPU inference latency
-ratio, compacted / dense, at batch 1 and 64, both timed in this process, interleaved, median of runs.
+with ``itop_timm.structured.compact`` (all-zero or all-masked channel groups removed). Reported per run:
+test top-1 (checked identical before/after compaction), params and MACs ratios (compacted / dense
+architecture), the CPU inference latency ratio compacted / dense at the training resolution (28 px) and
+at 224 px, batch 1 and 64 (both models timed in this process, interleaved, median of runs), and the
+training wall time against the dense run of the same seed. Means ± std over seeds in the table.
 
-    uv run python benchmarks/structured.py [--lambdas 0 5e-5 1e-4 2e-4] [--epochs 10] [--train-samples 10000] [--quick]
+    uv run python benchmarks/structured.py [--seeds 0 1 2] [--lambdas 2e-4] [--channel-sparsities 0.3 0.5] [--reuse-runs] [--quick]
 """
 
 from __future__ import annotations
@@ -16,18 +18,28 @@ import argparse
 import logging
 import statistics
 import time
+from pathlib import Path
 
 import timm
 import torch
-from _common import RUNS, add_reuse_flag, fashion_mnist_config, machine, run_recipe, write_json
+from _common import (
+    RESULTS,
+    RUNS,
+    add_reuse_flag,
+    fashion_mnist_config,
+    machine,
+    mean_std,
+    run_recipe,
+    write_json,
+)
 
 from itop_timm.checkpoint import load_sparse
 from itop_timm.structured import compact
 
 
-def latency(models: dict[str, torch.nn.Module], batch: int, reps: int) -> dict[str, float]:
+def latency(models: dict[str, torch.nn.Module], batch: int, reps: int, size: int = 28) -> dict[str, float]:
     """Median seconds per forward pass, the models timed round-robin on the same input."""
-    x = torch.randn(batch, 1, 28, 28)
+    x = torch.randn(batch, 1, size, size)
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for model in models.values():
@@ -69,94 +81,133 @@ def load_test_split(data_dir: str, limit: int | None) -> tuple[torch.Tensor, tor
     return images, torch.tensor(splits.test["label"])
 
 
+def plans(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """(run name, what differs from the dense recipe) for every configuration (seed added later)."""
+    out: list[tuple[str, dict]] = [("dense", {})]
+    out += [(f"rmda_l{lam:g}", {"lambda": lam}) for lam in args.lambdas]
+    out += [
+        (f"chase_sc{sc:g}", {"method": "chase", "options": {"channel_sparsity": sc}})
+        for sc in args.channel_sparsities
+    ]
+    out.append(("srigl", {"method": "srigl", "options": {}}))
+    return out
+
+
+def run_config(
+    args: argparse.Namespace, tag: str, name: str, extra: dict, seed: int, eval_limit: int | None
+) -> dict:
+    cfg = fashion_mnist_config(
+        RUNS / tag / f"{name}_s{seed}",
+        epochs=args.epochs,
+        train_samples=args.train_samples,
+        seed=seed,
+        method=extra.get("method", "dense"),
+        density=0.1,
+        update_interval=25,
+        eval_samples=eval_limit,
+    )
+    if "options" in extra:
+        cfg["sparsity"]["method_options"] = extra["options"]
+    if "lambda" in extra:
+        cfg["optim"] = {
+            "opt": "rmda",
+            "lr": args.rmda_lr,
+            "momentum": 0.01,
+            "weight_decay": 0.0,
+            "kwargs": {"weight_lambda": extra["lambda"], "regularizer": "coupled"},
+        }
+    return cfg
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and std over seeds of every numeric column, per configuration."""
+    out = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        runs = [r for r in rows if r["model"] == name]
+        agg: dict = {"model": name, "seeds": [r["seed"] for r in runs]}
+        for key, value in runs[0].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "seed":
+                agg[key], agg[key + "_std"] = mean_std([float(r[key]) for r in runs])
+        out.append(agg)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 5e-5, 1e-4, 2e-4])
+    parser.add_argument(
+        "--lambdas",
+        type=float,
+        nargs="+",
+        default=[2e-4],
+        help="RMDA λ (2e-4: §6's only λ that removes channels)",
+    )
+    parser.add_argument(
+        "--channel-sparsities", type=float, nargs="+", default=[0.3, 0.5], help="Chase S_c values"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rmda-lr", type=float, default=0.5)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--train-samples", type=int, default=10000)
-    parser.add_argument("--reps", type=int, default=30, help="timed forward passes per model and batch size")
+    parser.add_argument(
+        "--reps", type=int, default=20, help="timed forward passes per model at 28 px, batch 1"
+    )
     parser.add_argument("--quick", action="store_true")
     add_reuse_flag(parser)
     args = parser.parse_args()
     eval_limit = None
     if args.quick:
-        args.lambdas, args.epochs, args.train_samples, args.reps, eval_limit = [1e-2], 2, 512, 3, 500
+        args.lambdas, args.channel_sparsities, args.seeds = [1e-2], [0.5], [0]
+        args.epochs, args.train_samples, args.reps, eval_limit = 2, 512, 3, 500
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     tag = "structured" + ("_quick" if args.quick else "")
     start = time.time()
 
-    plans = [("dense", {}), ("rigl_itop", {})] + [(f"rmda_l{lam:g}", {"lambda": lam}) for lam in args.lambdas]
-    trained = {}
-    for name, extra in plans:
-        method = "rigl" if name == "rigl_itop" else "dense"
-        cfg = fashion_mnist_config(
-            RUNS / tag / name,
-            epochs=args.epochs,
-            train_samples=args.train_samples,
-            seed=0,
-            method=method,
-            density=0.1,
-            update_interval=25,
-            eval_samples=eval_limit,
-        )
-        if "lambda" in extra:
-            cfg["optim"] = {
-                "opt": "rmda",
-                "lr": args.rmda_lr,
-                "momentum": 0.01,
-                "weight_decay": 0.0,
-                "kwargs": {"weight_lambda": extra["lambda"], "regularizer": "coupled"},
-            }
-        summary = run_recipe(cfg, reuse=args.reuse_runs)
-        last_train = [r for r in summary["metrics"] if r.get("event") == "train"][-1]
-        trained[name] = {
-            "summary": summary,
-            "zero_groups": last_train.get("zero_groups"),
-            "zero_groups_weighted": last_train.get("zero_groups_weighted"),
-            "lambda": extra.get("lambda"),
-        }
-        logging.info("trained %s: test top-1 %.2f", name, summary["test_top1_last"])
-
-    data_dir = cfg["data"]["data_dir"]
-    images, labels = load_test_split(data_dir, eval_limit)
-    example = torch.zeros(1, 1, 28, 28)
-    dense_model, _, _ = load_sparse(RUNS / tag / "dense" / "model")
+    images = labels = None
     rows = []
-    for name, info in trained.items():
-        model, masks, _ = load_sparse(RUNS / tag / name / "model")
-        before = test_accuracy(model, images, labels)
-        small, report = compact(model, example, masks=masks or None)
-        after = test_accuracy(small, images, labels)
-        lat = {
-            b: latency(
-                {"dense": dense_model, "model": small}, b, args.reps if b == 1 else max(3, args.reps // 3)
-            )
-            for b in (1, 64)
-        }
-        rows.append(
-            {
+    for seed in args.seeds:
+        dense_model = None
+        dense_time = None
+        for name, extra in plans(args):
+            cfg = run_config(args, tag, name, extra, seed, eval_limit)
+            summary = run_recipe(cfg, reuse=args.reuse_runs)
+            logging.info("trained %s seed %d: test top-1 %.2f", name, seed, summary["test_top1_last"])
+            if images is None:
+                images, labels = load_test_split(cfg["data"]["data_dir"], eval_limit)
+            model, masks, _ = load_sparse(Path(cfg["run"]["output_dir"]) / "model")
+            if name == "dense":
+                dense_model, dense_time = model, summary["wall_time_s"]
+            before = test_accuracy(model, images, labels)
+            small, report = compact(model, torch.zeros(1, 1, 28, 28), masks=masks or None)
+            after = test_accuracy(small, images, labels)
+            row = {
                 "model": name,
-                "lambda": info["lambda"],
+                "seed": seed,
                 "test_top1": before,
-                "test_top1_after_compaction": after,
-                "zero_groups": info["zero_groups"],
-                "zero_groups_weighted": info["zero_groups_weighted"],
+                "same_after_compaction": before == after,
                 "params_ratio": report["params_ratio"],
                 "macs_ratio": report["macs_ratio"],
                 "channels_removed": report["channels_removed_total"],
-                "latency_b1_ms": lat[1]["model"] * 1e3,
-                "latency_b64_ms": lat[64]["model"] * 1e3,
-                "dense_latency_b1_ms": lat[1]["dense"] * 1e3,
-                "dense_latency_b64_ms": lat[64]["dense"] * 1e3,
-                "latency_ratio_b1": lat[1]["model"] / lat[1]["dense"],
-                "latency_ratio_b64": lat[64]["model"] / lat[64]["dense"],
-                "train_wall_time_s": info["summary"]["wall_time_s"],
+                "train_time_ratio": summary["wall_time_s"] / dense_time,
             }
-        )
-        logging.info("%s", rows[-1])
+            last_train = [r for r in summary["metrics"] if r.get("event") == "train"][-1]
+            if last_train.get("zero_groups") is not None:
+                row["zero_groups_weighted"] = last_train["zero_groups_weighted"]
+            for size in (28, 224):
+                for batch in (1, 64):
+                    reps = (
+                        args.reps
+                        if (size, batch) == (28, 1)
+                        else max(3, args.reps // (4 if size == 28 else 6))
+                    )
+                    lat = latency({"dense": dense_model, "model": small}, batch, reps, size)
+                    row[f"latency_ms_{size}px_b{batch}"] = lat["model"] * 1e3
+                    row[f"speedup_{size}px_b{batch}"] = lat["dense"] / lat["model"]
+            rows.append(row)
+            logging.info("%s", row)
+            write_json(f"{tag}.json", {"benchmark": "structured", "partial": True, "rows": rows})
+    table = aggregate(rows)
     payload = {
         "benchmark": "structured",
         "machine": machine(),
@@ -164,19 +215,54 @@ def main() -> None:
         "command": "uv run python benchmarks/structured.py" + (" --quick" if args.quick else ""),
         "wall_time_s": time.time() - start,
         "rows": rows,
+        "table": table,
+        "plot": str(plot(table, RESULTS / f"{tag}.png")),
     }
     path = write_json(f"{tag}.json", payload)
-    dense_acc = rows[0]["test_top1"]
+    dense_acc = table[0]["test_top1"]
     print(
-        f"{'model':16s} {'top-1':>6s} {'Δ dense':>8s} {'zero groups (w.)':>17s} {'params':>7s} {'MACs':>6s} {'lat b1':>7s} {'lat b64':>8s}"
+        f"{'model':14s} {'top-1':>13s} {'Δ dense':>8s} {'params':>7s} {'MACs':>6s} {'28px b1':>8s} {'b64':>6s} {'224px b1':>9s} {'b64':>6s} {'train t':>8s}"
     )
-    for r in rows:
-        zg = "-" if r["zero_groups"] is None else f"{r['zero_groups']:.3f} ({r['zero_groups_weighted']:.3f})"
+    for r in table:
         print(
-            f"{r['model']:16s} {r['test_top1']:6.2f} {r['test_top1'] - dense_acc:+8.2f} {zg:>17s} {r['params_ratio']:7.3f} "
-            f"{r['macs_ratio']:6.3f} {r['latency_ratio_b1']:7.3f} {r['latency_ratio_b64']:8.3f}"
+            f"{r['model']:14s} {r['test_top1']:6.2f} ± {r['test_top1_std']:4.2f} {r['test_top1'] - dense_acc:+8.2f} "
+            f"{r['params_ratio']:7.3f} {r['macs_ratio']:6.3f} {r['speedup_28px_b1']:7.2f}× {r['speedup_28px_b64']:5.2f}× "
+            f"{r['speedup_224px_b1']:8.2f}× {r['speedup_224px_b64']:5.2f}× {r['train_time_ratio']:7.2f}×"
         )
     print(f"wrote {path}")
+
+
+def plot(table: list[dict], path: Path) -> Path:
+    """Test top-1 against the 224 px batch-1 speed-up of the compacted model, one point per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in table:
+        ax.errorbar(
+            r["speedup_224px_b1"],
+            r["test_top1"],
+            xerr=r["speedup_224px_b1_std"],
+            yerr=r["test_top1_std"],
+            fmt="o",
+            capsize=3,
+        )
+        ax.annotate(
+            r["model"], (r["speedup_224px_b1"], r["test_top1"]), textcoords="offset points", xytext=(5, 5)
+        )
+    ax.axvline(1.5, color="grey", linestyle=":", label="target 1.5×")
+    ax.axhline(table[0]["test_top1"] - 1, color="grey", linestyle="--", label="dense − 1 point")
+    ax.set_xlabel("CPU speed-up at 224 px, batch 1 (dense / compacted)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("resnet18, Fashion-MNIST: accuracy vs real speed-up")
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

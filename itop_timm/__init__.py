@@ -18,6 +18,7 @@ Importing the package also registers sparse optimizers (``rigl_sgd``, ``set_adam
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import srigl as _srigl  # noqa: F401  (registers the srigl method)
 from . import timm_optimizers as _timm_optimizers
 from .checkpoint import SparseState, export_checkpoint, load_sparse, save_sparse
 from .config import SPARSIFY_DEFAULTS, SparsityConfig
@@ -34,6 +35,8 @@ from .registry import list_distributions, list_methods, list_schedules
 from .schedules import ScheduleInfo, create_schedule, register_schedule
 from .serialization import CheckpointError
 from .sparsifier import Sparsifier, sparsify
+from .structure import LayerPlan, StructureRule
+from .structured import chase as _chase  # noqa: F401  (registers the chase method)
 
 try:
     __version__ = version("itop-timm")
@@ -60,6 +63,8 @@ __all__ = [
     "get_method",
     "MethodInfo",
     "LayerView",
+    "LayerPlan",
+    "StructureRule",
     "ScheduleInfo",
     "create_schedule",
     "save_sparse",

@@ -127,8 +127,15 @@ def _cmd_compact(args: argparse.Namespace) -> int:
 
 def _cmd_methods(args: argparse.Namespace) -> int:
     from .registry import DISTRIBUTIONS, METHODS, SCHEDULES
+    from .structure import describe_options
 
     _print_table([(n, METHODS.get(n).description) for n in METHODS.names()], ("method", "description"))
+    for name in METHODS.names():
+        rule = METHODS.get(name).structure
+        if rule is not None:
+            print(f"\n{name} method_options:")
+            for option, (default, help_) in describe_options(rule).items():
+                print(f"  {option} (default: {default!r}): {help_}")
     print()
     print("distributions:", ", ".join(DISTRIBUTIONS.names()))
     print("prune-rate schedules:", ", ".join(SCHEDULES.names()))

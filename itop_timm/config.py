@@ -20,6 +20,7 @@ from .densities import validate_density
 from .methods import MethodInfo, get_method
 from .registry import DISTRIBUTIONS
 from .schedules import create_schedule
+from .structure import StructureRule, rule_options
 
 __all__ = ["SparsityConfig", "SPARSIFY_DEFAULTS", "option", "UNSET"]
 
@@ -72,6 +73,11 @@ class SparsityConfig:
         "fnmatch patterns of the sparse tensors (None: every conv/linear weight)"
     )
     exclude: tuple[str, ...] | None = option("fnmatch patterns of tensors kept dense", library_default=())
+    method_options: dict[str, Any] | None = option(
+        "the method's own settings, e.g. {channel_sparsity: 0.3} for chase, {gamma_sal: 0.3} for srigl "
+        "(itop-timm methods lists them)",
+        library_default={},
+    )
 
     def __post_init__(self) -> None:
         self._normalise_and_check()
@@ -99,6 +105,22 @@ class SparsityConfig:
             raise ValueError(f"stop_step must be a non-negative integer or None, got {self.stop_step!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.method_options is not None:
+            if not isinstance(self.method_options, Mapping) or not all(
+                isinstance(k, str) for k in self.method_options
+            ):
+                raise ValueError(
+                    f"method_options must be a mapping of option names, got {self.method_options!r}"
+                )
+            set_(self, "method_options", dict(self.method_options))
+            if self.method_info is not None:  # the method's rule validates each value
+                self.structure_rule()
+
+    def structure_rule(self) -> StructureRule | None:
+        """A new instance of the method's structure rule built from ``method_options`` (``None`` for an
+        unstructured method); unknown options or bad values raise ``ValueError`` naming them."""
+        info = self.method_info
+        return rule_options(info.structure if info else None, self.method, self.method_options or {})
 
     @property
     def method_info(self) -> MethodInfo | None:
@@ -149,6 +171,10 @@ class SparsityConfig:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         for key in ("include", "exclude"):
             d[key] = list(d[key]) if d[key] is not None else None
+        if d["method_options"] is not None:
+            d["method_options"] = {
+                k: list(v) if isinstance(v, tuple) else v for k, v in d["method_options"].items()
+            }
         return d
 
 

@@ -132,6 +132,9 @@ class MethodInfo:
             (unused in the forward pass, frozen, ``zero_grad(set_to_none=True)`` before the step) is
             then left unchanged and reported in ``last_update["no_grad_layers"]``, instead of being
             regrown by tie-breaking.
+        structure: a :class:`~itop_timm.structure.StructureRule` dataclass: which rows/channels may hold
+            weights and how many each layer keeps (Chase, SRigL); its fields are the method's
+            ``method_options``. ``None``: unstructured, no options.
     """
 
     name: str
@@ -141,6 +144,7 @@ class MethodInfo:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     grad_ema_beta: float | None = None
     needs_grad: bool = False
+    structure: type | None = None
 
     def __post_init__(self) -> None:
         if (self.drop_score is None) != (self.grow_score is None):

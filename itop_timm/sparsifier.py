@@ -51,6 +51,7 @@ from .distributed import (
 from .masks import validate_masks
 from .methods import LayerView, MethodInfo, get_method
 from .schedules import create_schedule
+from .structure import next_layer_mask
 
 __all__ = [
     "SparsityConfig",
@@ -143,6 +144,9 @@ class Sparsifier:
             )
         _refuse_second_sparsifier(self.optimizer)
 
+        self.structure = config.structure_rule()
+        if self.structure is not None:
+            self.structure.bind(self.model, shapes, config)  # may refuse the architecture, naming the layer
         self._generator = torch.Generator().manual_seed(config.seed)
         if masks is not None:
             initial = {n: m.to("cpu").clone() for n, m in validate_masks(masks, shapes).items()}
@@ -154,7 +158,7 @@ class Sparsifier:
         else:
             self.target_densities = compute_layer_densities(shapes, config.density, config.distribution)
             counts = active_counts(shapes, self.target_densities)
-            initial = {name: self._random_mask(shapes[name], counts[name]) for name in shapes}
+            initial = {name: self._initial_mask(name, shapes[name], counts[name]) for name in shapes}
         self._schedule = (
             create_schedule(
                 config.prune_schedule, config.prune_rate, config.final_prune_rate, config.total_steps
@@ -196,7 +200,12 @@ class Sparsifier:
         )
 
     # ------------------------------------------------------------------ masks
-    def _random_mask(self, shape: tuple[int, ...], count: int) -> torch.Tensor:
+    def _initial_mask(self, name: str, shape: tuple[int, ...], count: int) -> torch.Tensor:
+        """``count`` active weights: placed by the structure rule if it wants to, else uniformly at random."""
+        if self.structure is not None:
+            mask = self.structure.initial_mask(name, shape, count, self._generator)
+            if mask is not None:
+                return mask
         numel = math.prod(shape)
         mask = torch.zeros(numel, dtype=torch.bool)
         mask[torch.randperm(numel, generator=self._generator)[:count]] = True
@@ -267,6 +276,8 @@ class Sparsifier:
             return
         self.step += 1
         self.apply_masks()
+        if self.structure is not None:
+            self.structure.after_step(self)
         if self._grad_ema is not None:
             self._update_grad_ema()
         if self.update_due(self.step):
@@ -287,11 +298,13 @@ class Sparsifier:
         """Whether a topology update runs after optimizer step ``step``: every ``update_interval`` steps,
         never at or after ``total_steps`` (the last weights stay trained) and not after ``stop_step``."""
         cfg = self.config
+        rule_end = None if self.structure is None else self.structure.last_update_step(cfg.total_steps)
         return (
             self.method.dynamic
             and step % cfg.update_interval == 0
             and (cfg.total_steps is None or step < cfg.total_steps)
             and (cfg.stop_step is None or step <= cfg.stop_step)
+            and (rule_end is None or step <= rule_end)
         )
 
     @torch.no_grad()
@@ -312,6 +325,7 @@ class Sparsifier:
             return self.last_update
         rate = self._schedule(self.step)
         dropped: dict[str, int] = {}
+        grown: dict[str, int] = {}
         changed: dict[str, torch.Tensor] = {}
         no_grad = self._layers_without_needed_grad()
         for name, p in self._params.items():
@@ -321,41 +335,41 @@ class Sparsifier:
             mask = full_tensor(self.masks[name])
             weight, grad, union = full_tensor(p), full_tensor(p.grad), full_tensor(self._ever_active[name])
             grad_ema = full_tensor(self._grad_ema_of(name))
-            flat_mask = mask.view(-1)
-            active_idx = flat_mask.nonzero().squeeze(1)  # host sync once per layer and update, never per step
-            active = active_idx.numel()
-            k = min(math.ceil(rate * active), active, flat_mask.numel() - active)
-            if k <= 0:
+            view_of = functools.partial(self._layer_view, name, weight, grad, union, grad_ema)
+            plan = None
+            if self.structure is not None:
+                plan = self.structure.layer_plan(view_of(mask), rate, int(mask.sum()))
+            result = next_layer_mask(
+                mask,
+                rate,
+                functools.partial(_score, self.method.drop_score, view_of),
+                functools.partial(_score, self.method.grow_score, view_of),
+                plan,
+            )
+            if result is None:
                 continue
-            view = LayerView(name, weight, grad, mask, union, grad_ema, self._generator)
-            drop = (
-                self.method.drop_score(view).reshape(-1)[active_idx].float()
-            )  # rank the active weights only
-            new_mask = flat_mask.clone()
-            new_mask[active_idx[torch.topk(drop, k, largest=False, sorted=False).indices]] = False
-            view = LayerView(name, weight, grad, new_mask.view(mask.shape), union, grad_ema, self._generator)
-            grow = self.method.grow_score(view).reshape(-1).float()
-            grow = torch.where(new_mask, grow.new_full((), -math.inf), grow)  # candidates: inactive positions
-            new_mask[torch.topk(grow, k, sorted=False).indices] = True
-            changed[name] = (flat_mask & ~new_mask).sum()
-            flat_mask.copy_(new_mask)
+            new_mask, dropped[name], grown[name] = result
+            changed[name] = (mask & ~new_mask).sum()
+            mask.copy_(new_mask)
             broadcast_masks([mask])  # rank 0's decision, layer by layer
             self._store(name, mask)
-            dropped[name] = k
         self.apply_masks()
         moved = {name: int(v) for name, v in changed.items()}
         self.last_update = {
             "step": self.step,
             "prune_rate": rate,
             "dropped": sum(dropped.values()),
+            "grown": sum(grown.values()),
             "replaced": sum(moved.values()),
             "itop_rate": self.itop_rate,
             "density": self.density,
             "layers": {
-                name: {"dropped": dropped[name], "grown": dropped[name], "replaced": moved[name]}
+                name: {"dropped": dropped[name], "grown": grown[name], "replaced": moved[name]}
                 for name in dropped
             },
         }
+        if self.structure is not None:
+            self.last_update["structure"] = self.structure.stats()
         if no_grad:
             self.last_update["no_grad_layers"] = no_grad
         _logger.debug(
@@ -365,6 +379,17 @@ class Sparsifier:
         )
         self._notify_update()
         return self.last_update
+
+    def _layer_view(
+        self,
+        name: str,
+        weight: torch.Tensor,
+        grad: torch.Tensor | None,
+        union: torch.Tensor,
+        grad_ema: torch.Tensor | None,
+        mask: torch.Tensor,
+    ) -> LayerView:
+        return LayerView(name, weight, grad, mask, union, grad_ema, self._generator)
 
     def register_update_hook(self, hook: UpdateHook) -> RemovableHandle:
         """Call ``hook(sparsifier, stats)`` after every topology update, skipped ones included (their
@@ -494,6 +519,8 @@ class Sparsifier:
         }
         if self._grad_ema is not None:
             state["grad_ema"] = {name: _full_cpu(t) for name, t in self._grad_ema.items()}
+        if self.structure is not None:
+            state["structure"] = self.structure.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -523,13 +550,17 @@ class Sparsifier:
                 raise ValueError(
                     f"method {self.method.name!r} needs grad_ema for every sparse tensor in the state"
                 )
+        if self.structure is not None and not isinstance(state.get("structure"), Mapping):
+            raise ValueError(f"method {self.method.name!r} needs its structure state in the sparsifier state")
         saved_config = state.get("config", {})
         differing = sorted(
             k for k, v in self.config.to_dict().items() if k in saved_config and saved_config[k] != v
         )
         if differing:
             _logger.warning("loading sparsifier state saved with different settings: %s", differing)
-        # -- validated: apply --
+        # -- validated (the rule validates its own state before changing it): apply --
+        if self.structure is not None:
+            self.structure.load_state_dict(state["structure"])
         for name, p in self._params.items():
             self.masks[name] = shard_like(masks[name], p)
             self._ever_active[name] = shard_like(union[name], p)
@@ -580,6 +611,13 @@ def _refuse_second_sparsifier(optimizer: torch.optim.Optimizer) -> None:
         )
 
 
+def _score(
+    fn: Callable[[LayerView], torch.Tensor], view_of: Callable[[torch.Tensor], LayerView], mask: torch.Tensor
+) -> torch.Tensor:
+    """A method's score function applied to a layer seen with ``mask``."""
+    return fn(view_of(mask))
+
+
 def _zero_off_mask(groups: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> None:
     """In place, for each (bool mask, tensors): every tensor becomes ``where(mask, tensor, 0)``."""
     for mask, tensors in groups:
@@ -610,13 +648,15 @@ def sparsify(
     exclude: str | Iterable[str] | None = None,
     masks: Mapping[str, torch.Tensor] | None = None,
     compile_hook: bool = False,
+    method_options: Mapping[str, Any] | None = None,
 ) -> Sparsifier:
     """Train ``model`` sparse: draw masks, zero inactive weights and hook ``optimizer.step``.
 
     Args:
         model: any ``nn.Module`` (a timm model, possibly wrapped by DDP / ``torch.compile``).
         optimizer: the optimizer over ``model``'s parameters (torch, timm or Accelerate-wrapped).
-        method: registered method name (``list_methods()``): ``static``, ``set``, ``rigl``, ``snfs``, ``unfired``.
+        method: registered method name (``list_methods()``): ``static``, ``set``, ``rigl``, ``snfs``, ``unfired``,
+            ``chase``, ``srigl``.
         density: overall fraction of sparse weights kept, in (0, 1].
         distribution: layer densities: ``erk`` (default), ``er`` or ``uniform`` (``list_distributions()``).
         update_interval: ΔT, optimizer steps between topology updates (default 100).
@@ -634,6 +674,8 @@ def sparsify(
             once for the weight and all its optimizer state (the cheapest hook on the CPU; costs one
             compilation of tens of seconds at the start, so it pays off on long runs). Off: one
             ``torch._foreach_mul_`` with masks cached in the tensors' dtype.
+        method_options: the method's own settings (``chase``: ``channel_sparsity``, ...; ``srigl``:
+            ``gamma_sal``, ...); ``itop-timm methods`` lists each method's options and defaults.
 
     Every argument is validated before the model or optimizer is touched; bad values raise ``ValueError``
     naming the value and what is allowed. Arguments left ``None`` take the method's defaults, then
@@ -652,5 +694,6 @@ def sparsify(
         seed=seed,
         include=include,
         exclude=exclude,
+        method_options=method_options,
     )
     return Sparsifier(model, optimizer, config, masks=masks, compile_hook=compile_hook)

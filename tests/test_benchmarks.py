@@ -128,7 +128,10 @@ def test_structured_quick(bench_env):
     env, results = bench_env
     run_script("structured.py", env, "--quick")
     data = json.loads((results / "structured_quick.json").read_text())
-    assert data["rows"] and all("latency_ratio_b1" in r for r in data["rows"])
+    assert [r["model"] for r in data["table"]] == ["dense", "rmda_l0.01", "chase_sc0.5", "srigl"]
+    chase = next(r for r in data["rows"] if r["model"] == "chase_sc0.5")
+    assert chase["channels_removed"] > 0 and chase["params_ratio"] < 1 and chase["same_after_compaction"]
+    assert all(r["speedup_224px_b64"] > 0 for r in data["rows"]) and Path(data["plot"]).stat().st_size > 1000
 
 
 @pytest.mark.slow

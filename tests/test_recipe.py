@@ -556,3 +556,27 @@ def test_model_arguments_and_sparse_patterns_are_checked_first(tiny_data, tmp_pa
     ):
         run_config(cfg)
     assert_untouched(tmp_path / "run")
+
+
+# ------------------------------------------------------------------- structured DST (chase)
+def test_recipe_trains_chase_from_cli_options_and_writes_the_compacted_model(tiny_data, tmp_path):
+    from itop_timm.training.config import parse_overrides
+
+    overrides = parse_overrides(
+        [
+            "--sparsity.method",
+            "chase",
+            "--sparsity.method_options",
+            "{channel_sparsity: 0.5, removal_interval: 2}",
+        ]
+    )
+    cfg = tiny_config(tiny_data, tmp_path / "run", sparsity=overrides["sparsity"])
+    summary = run_config(cfg)
+    assert summary["compacted"]["channels_removed_total"] > 0 and summary["compacted"]["params_ratio"] < 1
+    assert summary["compacted"]["max_abs_output_change"] < 1e-4
+    sparse, _, meta = load_sparse(tmp_path / "run" / "model")
+    compacted, _, _ = load_sparse(tmp_path / "run" / "compacted")
+    assert meta["sparsity_config"]["method_options"]["channel_sparsity"] == 0.5
+    assert sum(p.numel() for p in compacted.parameters()) < sum(p.numel() for p in sparse.parameters())
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.allclose(sparse.eval()(x), compacted.eval()(x), atol=1e-4)

@@ -474,7 +474,7 @@ def test_masks_follow_the_model_and_ddp_style_wrappers_are_unwrapped():
 
 # --------------------------------------------------------------- bad input
 BAD_ARGS = [
-    ({"method": "rgil"}, r"unknown method 'rgil'; allowed: rigl, set, snfs, static, unfired"),
+    ({"method": "rgil"}, r"unknown method 'rgil'; allowed: chase, rigl, set, snfs, srigl, static, unfired"),
     ({"distribution": "gaussian"}, r"unknown distribution 'gaussian'; allowed: er, erk, uniform"),
     ({"density": 0.0}, r"density must be in \(0, 1\]"),
     ({"density": 1.2}, r"density must be in \(0, 1\]"),

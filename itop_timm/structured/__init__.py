@@ -1,8 +1,11 @@
 """Structured sparsity: the RMDA optimizer (and ProxSGD), group-LASSO / L1 proximal regularisers,
-torch-pruning coupled channel groups, compaction of zeroed channels into a smaller dense model, and a
-torch-pruning importance that ranks channels by ITOP masks."""
+torch-pruning coupled channel groups, compaction of zeroed channels into a smaller dense model, the
+Chase method's channel rule, SRigL's condensed linear layers, and a torch-pruning importance that ranks
+channels by ITOP masks."""
 
+from .chase import ChaseRule
 from .compact import compact, compact_checkpoint, rebuild_compacted
+from .condense import CondensedLinear, condense
 from .dependency import ChannelGroup, ChannelSlice, coupled_channel_groups
 from .importance import MaskImportance
 from .prox import L1, GroupLasso, Regularizer, create_regularizer, group_sparsity
@@ -24,4 +27,7 @@ __all__ = [
     "compact_checkpoint",
     "rebuild_compacted",
     "MaskImportance",
+    "CondensedLinear",
+    "condense",
+    "ChaseRule",
 ]

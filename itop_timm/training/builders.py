@@ -3,6 +3,7 @@ schedule, sparsifier and weight averager. Each is one call to the library it com
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -127,7 +128,18 @@ def build_sparsifier(
     """The run's :class:`~itop_timm.Sparsifier` (``None`` for ``sparsity.method: dense``)."""
     if cfg.dense:
         return None
-    return Sparsifier(model, optimizer, cfg.sparsity.for_run(total_steps, cfg.train.seed))
+    config = cfg.sparsity.for_run(total_steps, cfg.train.seed)
+    rule = config.method_info.structure
+    options = config.method_options or {}
+    if (
+        rule is not None
+        and "input_size" in {f.name for f in dataclasses.fields(rule)}
+        and "input_size" not in options
+    ):
+        # a rule that traces the model (chase) traces it at the run's input size
+        size = [cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size]
+        config = dataclasses.replace(config, method_options={**options, "input_size": size})
+    return Sparsifier(model, optimizer, config)
 
 
 def build_averager(

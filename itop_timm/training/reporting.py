@@ -144,5 +144,15 @@ def write_outputs(
             label_names=class_names,
             data_config=resolve_data_config(cfg.data, cfg.model, model),
         )
+        structure = sparsifier.structure if sparsifier is not None else None
+        if main and structure is not None and structure.compacts:  # chase: the removed channels go for real
+            from ..structured import compact_checkpoint
+
+            size = (cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
+            report = compact_checkpoint(output / "model", output / "compacted", input_size=size)
+            summary["compacted"] = {
+                k: report[k]
+                for k in ("params_ratio", "macs_ratio", "channels_removed_total", "max_abs_output_change")
+            }
     if main:
         atomic_write_text(output / "summary.json", json.dumps(summary, indent=2))
