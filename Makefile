@@ -18,6 +18,7 @@ bench-full: bench
 	$(PY) benchmarks/accuracy_vs_density.py --train-samples 10000 --update-interval 25
 	$(PY) benchmarks/averaging.py
 	$(PY) benchmarks/structured.py
+	$(PY) benchmarks/condense.py
 
 bench-quick:
 	$(PY) benchmarks/step_overhead.py --quick --models resnet18 --memory
@@ -26,3 +27,4 @@ bench-quick:
 	$(PY) benchmarks/accuracy_vs_density.py --quick
 	$(PY) benchmarks/averaging.py --quick
 	$(PY) benchmarks/structured.py --quick
+	$(PY) benchmarks/condense.py --quick

@@ -70,6 +70,20 @@ def test_throughput_quick(bench_env):
     assert Path(data["plot"]).stat().st_size > 1000 and "hook overhead" in out
 
 
+def test_condense_quick(bench_env):
+    env, results = bench_env
+    out = run_script("condense.py", env, "--quick")
+    rows = json.loads((results / "condense_quick.json").read_text())["rows"]
+    assert [(r["layer"], r["batch"]) for r in rows] == [
+        ("768->3072", 1),
+        ("768->3072", 197),
+        ("3072->768", 1),
+        ("3072->768", 197),
+    ]
+    assert all(r["condensed_us"] > 0 and r["csr_us"] > 0 and r["aa_ratio"] > 0 for r in rows)
+    assert "vs CSR" in out
+
+
 def test_checkpoint_sizes_quick(bench_env):
     env, results = bench_env
     run_script("checkpoint_sizes.py", env, "--quick")

@@ -580,3 +580,10 @@ def test_recipe_trains_chase_from_cli_options_and_writes_the_compacted_model(tin
     assert sum(p.numel() for p in compacted.parameters()) < sum(p.numel() for p in sparse.parameters())
     x = torch.randn(2, 1, 16, 16)
     assert torch.allclose(sparse.eval()(x), compacted.eval()(x), atol=1e-4)
+
+
+def test_recipe_refuses_chase_on_a_model_without_removable_channels_before_writing(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "run", model={"name": "regnetx_002"}, sparsity={"method": "chase"})
+    with pytest.raises(ValueError, match=r"chase: RegNet has no removable channel group .*grouped convolution"):
+        run_config(cfg)
+    assert not (tmp_path / "run").exists()

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..config import SparsityConfig
 from ..sparsifier import Sparsifier
 from .config import TrainConfig
 from .data import ImageClassificationDataset, build_transforms, make_loader
@@ -128,6 +129,12 @@ def build_sparsifier(
     """The run's :class:`~itop_timm.Sparsifier` (``None`` for ``sparsity.method: dense``)."""
     if cfg.dense:
         return None
+    return Sparsifier(model, optimizer, sparsity_config(cfg, total_steps))
+
+
+def sparsity_config(cfg: TrainConfig, total_steps: int) -> SparsityConfig:
+    """The run's resolved :class:`~itop_timm.SparsityConfig`; a structure rule that traces the model
+    (chase's ``input_size``) traces it at the run's input size unless the config sets one."""
     config = cfg.sparsity.for_run(total_steps, cfg.train.seed)
     rule = config.method_info.structure
     options = config.method_options or {}
@@ -136,10 +143,9 @@ def build_sparsifier(
         and "input_size" in {f.name for f in dataclasses.fields(rule)}
         and "input_size" not in options
     ):
-        # a rule that traces the model (chase) traces it at the run's input size
         size = [cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size]
         config = dataclasses.replace(config, method_options={**options, "input_size": size})
-    return Sparsifier(model, optimizer, config)
+    return config
 
 
 def build_averager(

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..densities import sparse_parameter_shapes
-from .builders import create_model
+from .builders import create_model, sparsity_config
 from .checkpointing import checkpoint_dir, list_checkpoints, read_checkpoint_config, resolve_resume
 from .config import TrainConfig, config_differences
 from .data import load_splits
@@ -41,7 +41,7 @@ def preflight(cfg: TrainConfig) -> tuple[Path | None, Any]:
     if cfg.train.mixed_precision == "fp16" and (cfg.run.cpu or not torch.cuda.is_available()):
         raise ValueError("train.mixed_precision=fp16 needs a CUDA GPU (loss scaling); use bf16 on the CPU")
     if not cfg.dense:
-        cfg.sparsity.for_run(total_steps=1, seed=cfg.train.seed)  # the method's defaults, validated
+        sparsity_config(cfg, total_steps=1)  # the method's defaults and options, validated
     if cfg.optim.opt.lower() in ("rmda", "proxsgd") and cfg.optim.weight_decay:
         raise ValueError(
             f"optim.opt={cfg.optim.opt} takes no weight decay (its weight_lambda regularises): set optim.weight_decay 0"
@@ -93,4 +93,11 @@ def preflight(cfg: TrainConfig) -> tuple[Path | None, Any]:
             f"no sparse tensor in {cfg.model.name} matches sparsity.include={sections['include']} "
             f"minus sparsity.exclude={sections['exclude']}"
         )
+    if not cfg.dense:  # a structure rule checks the architecture (chase: removable channel groups)
+        config = sparsity_config(cfg, total_steps=1)
+        rule = config.structure_rule()
+        if rule is not None:
+            rule.bind(
+                probe, sparse_parameter_shapes(probe, cfg.sparsity.include, cfg.sparsity.exclude), config
+            )
     return resume, splits
