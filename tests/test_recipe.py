@@ -583,7 +583,11 @@ def test_recipe_trains_chase_from_cli_options_and_writes_the_compacted_model(tin
 
 
 def test_recipe_refuses_chase_on_a_model_without_removable_channels_before_writing(tiny_data, tmp_path):
-    cfg = tiny_config(tiny_data, tmp_path / "run", model={"name": "regnetx_002"}, sparsity={"method": "chase"})
-    with pytest.raises(ValueError, match=r"chase: RegNet has no removable channel group .*grouped convolution"):
+    cfg = tiny_config(
+        tiny_data, tmp_path / "run", model={"name": "regnetx_002"}, sparsity={"method": "chase"}
+    )
+    with pytest.raises(
+        ValueError, match=r"chase: RegNet has no removable channel group .*grouped convolution"
+    ):
         run_config(cfg)
     assert not (tmp_path / "run").exists()
