@@ -198,3 +198,17 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     if len(values) == 1:
         return values[0], 0.0
     return statistics.mean(values), statistics.stdev(values)
+
+
+def aggregate_seeds(rows: list[dict[str, Any]], key: str = "model") -> list[dict[str, Any]]:
+    """Per configuration (``row[key]``, in first-seen order): ``seeds`` and the mean and ``<column>_std``
+    of every numeric column over its rows (booleans and ``seed`` left out)."""
+    out = []
+    for name in dict.fromkeys(r[key] for r in rows):
+        runs = [r for r in rows if r[key] == name]
+        agg: dict[str, Any] = {key: name, "seeds": [r.get("seed") for r in runs]}
+        for column, value in runs[0].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and column != "seed":
+                agg[column], agg[column + "_std"] = mean_std([float(r[column]) for r in runs])
+        out.append(agg)
+    return out

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from _common import RESULTS, ROOT
+from _common import RESULTS, ROOT, aggregate_seeds
 
 LABELS = {"static": "Static", "set": "SET", "rigl": "RigL", "unfired": "RigL-ITOP (unfired)"}
 
@@ -175,9 +175,9 @@ def averaging() -> str:
 
 def structured() -> str:
     data = _load("structured.json")
-    if not data or "table" not in data:
-        return "*not run yet*" if not data else f"*run in progress: {len(data['rows'])} runs done*"
-    table = data["table"]
+    if not data or not data.get("rows"):
+        return "*not run yet*"
+    table = data.get("table") or aggregate_seeds(data["rows"])  # a partial run: the seeds done so far
     dense = table[0]
 
     def pm(r: dict, key: str, fmt: str = ".2f") -> str:

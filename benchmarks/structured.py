@@ -15,6 +15,7 @@ training wall time against the dense run of the same seed. Means ± std over see
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import time
@@ -26,9 +27,9 @@ from _common import (
     RESULTS,
     RUNS,
     add_reuse_flag,
+    aggregate_seeds,
     fashion_mnist_config,
     machine,
-    mean_std,
     run_recipe,
     write_json,
 )
@@ -119,19 +120,6 @@ def run_config(
     return cfg
 
 
-def aggregate(rows: list[dict]) -> list[dict]:
-    """Mean and std over seeds of every numeric column, per configuration."""
-    out = []
-    for name in dict.fromkeys(r["model"] for r in rows):
-        runs = [r for r in rows if r["model"] == name]
-        agg: dict = {"model": name, "seeds": [r["seed"] for r in runs]}
-        for key, value in runs[0].items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "seed":
-                agg[key], agg[key + "_std"] = mean_std([float(r[key]) for r in runs])
-        out.append(agg)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -155,6 +143,11 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true")
     add_reuse_flag(parser)
+    parser.add_argument(
+        "--summarize",
+        action="store_true",
+        help="no training or timing: table and plot from the runs already in the results file (an interrupted run)",
+    )
     args = parser.parse_args()
     eval_limit = None
     if args.quick:
@@ -165,8 +158,10 @@ def main() -> None:
     start = time.time()
 
     images = labels = None
-    rows = []
-    for seed in args.seeds:
+    rows = json.loads((RESULTS / f"{tag}.json").read_text())["rows"] if args.summarize else []
+    if args.summarize:
+        args.seeds = sorted({r["seed"] for r in rows})
+    for seed in [] if args.summarize else args.seeds:
         dense_model = None
         dense_time = None
         for name, extra in plans(args):
@@ -207,7 +202,7 @@ def main() -> None:
             rows.append(row)
             logging.info("%s", row)
             write_json(f"{tag}.json", {"benchmark": "structured", "partial": True, "rows": rows})
-    table = aggregate(rows)
+    table = aggregate_seeds(rows)
     payload = {
         "benchmark": "structured",
         "machine": machine(),
