@@ -184,11 +184,11 @@ def structured() -> str:
         return f"{r[key]:{fmt}} ± {r[key + '_std']:{fmt}}"
 
     header = (
-        "| model | test top-1 | Δ vs dense | params ratio | MACs ratio (28 px) | speed-up 28 px b1 | 28 px b64 "
+        "| model | seeds | test top-1 | Δ vs dense | params ratio | MACs ratio (28 px) | speed-up 28 px b1 | 28 px b64 "
         "| **224 px b1** | **224 px b64** | training time vs dense |"
     )
     rows = [
-        f"| {r['model']} | {pm(r, 'test_top1')} | {r['test_top1'] - dense['test_top1']:+.2f} | {r['params_ratio']:.3f} | "
+        f"| {r['model']} | {len(r['seeds'])} | {pm(r, 'test_top1')} | {r['test_top1'] - dense['test_top1']:+.2f} | {r['params_ratio']:.3f} | "
         f"{r['macs_ratio']:.3f} | {pm(r, 'speedup_28px_b1')}× | {pm(r, 'speedup_28px_b64')}× | "
         f"**{pm(r, 'speedup_224px_b1')}×** | **{pm(r, 'speedup_224px_b64')}×** | {pm(r, 'train_time_ratio')}× |"
         for r in table
@@ -197,7 +197,7 @@ def structured() -> str:
     same = all(r["same_after_compaction"] for r in data["rows"])
     return (
         f"Command: `{data['command']}` — {s['train_samples']} training images, {s['epochs']} epochs, seeds "
-        f"{s['seeds']}, density 0.1 for the sparse methods, RMDA lr {s['rmda_lr']}. Mean ± std over seeds; "
+        f"{sorted({r['seed'] for r in data['rows']})}, density 0.1 for the sparse methods, RMDA lr {s['rmda_lr']}. Mean ± std over seeds; "
         f"speed-up = dense latency / compacted latency (dense row: the A/A control). Test top-1 identical "
         f"before and after compaction for every run: {'yes' if same else 'NO'}.\n\n"
         + _table(header, rows)

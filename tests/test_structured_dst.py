@@ -121,6 +121,12 @@ def test_chase_removes_channels_on_its_schedule_and_keeps_the_budget():
     assert sp.last_update["structure"] == {"channels_alive": alive, "channels_removable": total}
 
 
+def test_chase_layer_ranking_removes_the_same_fraction_from_every_group():
+    _, sp = chase_run(ranking="layer")
+    for unit in sp.structure.units:
+        assert int(sp.structure.alive[unit.name].sum()) == math.ceil(unit.num_channels * 0.5), unit.name
+
+
 def test_chase_schedule_is_cubic():
     _, sp = chase_run(steps=0)
     rule = sp.structure
@@ -170,6 +176,7 @@ def test_chase_units_cover_common_architectures():
         ({"channel_sparsity": -0.1}, r"channel_sparsity must be in \[0, 1\)"),
         ({"min_channel_ratio": "a"}, r"min_channel_ratio must be in \[0, 1\], got 'a'"),
         ({"removal_interval": 0}, r"removal_interval must be an integer >= 1"),
+        ({"ranking": "random"}, r"ranking must be 'global' or 'layer', got 'random'"),
         ({"gamma_sal": 0.3}, r"does not take option\(s\) \['gamma_sal'\]; allowed: \['channel_sparsity'"),
     ],
 )

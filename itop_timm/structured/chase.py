@@ -11,7 +11,8 @@ schedule (REFERENCE §4):
 * at steps ``j · removal_interval − ΔT/2`` and at ``T_c = removal_end_fraction · T``, the target removed
   fraction is ``S_c(t) = channel_sparsity · (1 − (1 − t/T_c)³)``; the alive channels with the lowest
   UMM (mean ``|w|`` of the producer's row, zeros included) go, ranked over all groups, each group
-  keeping ``min_channel_ratio · (1 − channel_sparsity)`` of its channels. A removed channel's rows and
+  keeping ``min_channel_ratio · (1 − channel_sparsity)`` of its channels (``ranking="layer"``, not in
+  the paper: every group loses the fraction ``S_c(t)``, its lowest-UMM channels). A removed channel's rows and
   the columns reading it are masked for good, so ``compact`` slices it out exactly;
 * the global budget stays ``density × N``: per-layer counts are re-derived with the run's distribution
   on the shrunken shapes, and the next topology update regrows the weights lost with the channels.
@@ -157,6 +158,13 @@ class ChaseRule(StructureRule):
         default=0.2,
         metadata={"help": "β in [0, 1]: each group keeps β·(1 − S_c) of its channels (official code: 0.2)"},
     )
+    ranking: str = field(
+        default="global",
+        metadata={
+            "help": "global (the paper: lowest UMM over all groups, per-group floors) or layer (each group "
+            "loses the same fraction, its lowest-UMM channels: more MACs removed at high resolution)"
+        },
+    )
     input_size: list[int] | None = field(
         default=None, metadata={"help": "(C, H, W) of the torch-pruning trace (null: timm's input size)"}
     )
@@ -173,6 +181,8 @@ class ChaseRule(StructureRule):
             raise ValueError(
                 f"chase: removal_interval must be an integer >= 1 or null, got {self.removal_interval!r}"
             )
+        if self.ranking not in ("global", "layer"):
+            raise ValueError(f"chase: ranking must be 'global' or 'layer', got {self.ranking!r}")
         if self.input_size is not None and (
             not isinstance(self.input_size, (list, tuple))
             or not self.input_size
@@ -252,10 +262,17 @@ class ChaseRule(StructureRule):
             candidates += [
                 (float(umm[c]), unit.name, c) for c in self.alive[unit.name].nonzero().flatten().tolist()
             ]
-        floor = {
-            u.name: max(1, math.ceil(self.min_channel_ratio * (1 - self.channel_sparsity) * u.num_channels))
-            for u in self.units
-        }
+        if self.ranking == "layer":  # every group down to the same fraction, its lowest-UMM channels first
+            keep = 1.0 - self.removed_fraction(sparsifier.step)
+            floor = {u.name: max(1, math.ceil(keep * u.num_channels)) for u in self.units}
+            remove = total
+        else:
+            floor = {
+                u.name: max(
+                    1, math.ceil(self.min_channel_ratio * (1 - self.channel_sparsity) * u.num_channels)
+                )
+                for u in self.units
+            }
         left = {name: int(a.sum()) for name, a in self.alive.items()}
         for _, name, c in sorted(candidates):
             if remove == 0:
