@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .methods import MethodInfo, gradient_score, magnitude_score, register_method
-from .structure import LayerPlan, StructureRule
+from .structure import LayerPlan, StructureRule, check_fraction
 
 if TYPE_CHECKING:
     from torch import nn
@@ -63,18 +63,8 @@ class SRigLRule(StructureRule):
     )
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.gamma_sal, bool)
-            or not isinstance(self.gamma_sal, (int, float))
-            or not 0 < self.gamma_sal <= 1
-        ):
-            raise ValueError(f"srigl: gamma_sal must be in (0, 1], got {self.gamma_sal!r}")
-        if (
-            isinstance(self.t_end_fraction, bool)
-            or not isinstance(self.t_end_fraction, (int, float))
-            or not 0 < self.t_end_fraction <= 1
-        ):
-            raise ValueError(f"srigl: t_end_fraction must be in (0, 1], got {self.t_end_fraction!r}")
+        check_fraction("srigl", "gamma_sal", self.gamma_sal, low_open=True, high_open=False)
+        check_fraction("srigl", "t_end_fraction", self.t_end_fraction, low_open=True, high_open=False)
         self._budget: dict[str, int] = {}
         self._classifier: set[str] = set()
         self._ablated: dict[str, int] = {}

@@ -36,7 +36,14 @@ if TYPE_CHECKING:
     from .methods import LayerView
     from .sparsifier import Sparsifier
 
-__all__ = ["LayerPlan", "StructureRule", "next_layer_mask", "rule_options", "describe_options"]
+__all__ = [
+    "LayerPlan",
+    "StructureRule",
+    "next_layer_mask",
+    "rule_options",
+    "describe_options",
+    "check_fraction",
+]
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,18 @@ def rule_options(
     if unknown:
         raise ValueError(f"method {method!r} does not take option(s) {unknown}; allowed: {allowed}")
     return rule_cls(**options)
+
+
+def check_fraction(method: str, name: str, value: object, *, low_open: bool, high_open: bool) -> float:
+    """``value`` as a float in the interval from 0 to 1 (ends open or closed as given), else a ``ValueError``
+    naming the method, the option, the interval and the value."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
+    if not ok:
+        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise ValueError(f"{method}: {name} must be in {interval}, got {value!r}")
+    return float(value)
 
 
 def describe_options(rule_cls: type[StructureRule]) -> dict[str, tuple[Any, str]]:

@@ -35,7 +35,7 @@ from torch import nn
 from ..densities import active_counts, compute_layer_densities
 from ..distributed import broadcast_masks, full_tensor, is_sharded
 from ..methods import MethodInfo, gradient_score, magnitude_score, register_method
-from ..structure import LayerPlan, StructureRule
+from ..structure import LayerPlan, StructureRule, check_fraction
 
 if TYPE_CHECKING:
     from ..config import SparsityConfig
@@ -124,16 +124,6 @@ def removable_units(
     return units, skipped
 
 
-def _fraction(value: object, name: str, low_open: bool, high_open: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        ok = (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
-    if not ok:
-        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
-        raise ValueError(f"chase: {name} must be in {interval}, got {value!r}")
-    return float(value)
-
-
 @dataclass
 class ChaseRule(StructureRule):
     """Chase's structure: channels removed on a cubic schedule, RigL within the channels left."""
@@ -170,9 +160,11 @@ class ChaseRule(StructureRule):
     )
 
     def __post_init__(self) -> None:
-        _fraction(self.channel_sparsity, "channel_sparsity", low_open=False, high_open=True)
-        _fraction(self.removal_end_fraction, "removal_end_fraction", low_open=True, high_open=False)
-        _fraction(self.min_channel_ratio, "min_channel_ratio", low_open=False, high_open=False)
+        check_fraction("chase", "channel_sparsity", self.channel_sparsity, low_open=False, high_open=True)
+        check_fraction(
+            "chase", "removal_end_fraction", self.removal_end_fraction, low_open=True, high_open=False
+        )
+        check_fraction("chase", "min_channel_ratio", self.min_channel_ratio, low_open=False, high_open=False)
         if self.removal_interval is not None and (
             isinstance(self.removal_interval, bool)
             or not isinstance(self.removal_interval, int)
