@@ -38,14 +38,6 @@ if TYPE_CHECKING:
 __all__ = ["SRigLRule"]
 
 
-def _classifier_weights(model: nn.Module) -> set[str]:
-    get = getattr(model, "get_classifier", None)
-    head = get() if callable(get) else None
-    heads = head if isinstance(head, (tuple, list)) else [head]
-    ids = {id(p) for h in heads if h is not None for p in h.parameters()}
-    return {name for name, p in model.named_parameters() if id(p) in ids}
-
-
 @dataclass
 class SRigLRule(StructureRule):
     """SRigL's structure: constant fan-in per alive row, rows ablated by salience."""
@@ -70,7 +62,10 @@ class SRigLRule(StructureRule):
         self._ablated: dict[str, int] = {}
 
     def bind(self, model: nn.Module, shapes: Mapping[str, tuple[int, ...]], config: SparsityConfig) -> None:
-        self._classifier = _classifier_weights(model) & set(shapes)
+        from .structured.dependency.tracing import classifier_modules  # timm's get_classifier()
+
+        head = {id(p) for module in classifier_modules(model) for p in module.parameters()}
+        self._classifier = {name for name, p in model.named_parameters() if id(p) in head} & set(shapes)
 
     def initial_mask(
         self, name: str, shape: tuple[int, ...], count: int, generator: torch.Generator

@@ -36,10 +36,8 @@ CHASE = {
 }
 
 
-def chase_run(steps: int = 24, resume_at: int | None = None, **options):
-    model = resnet()
-    opt = sgd(model)
-    sp = itop_timm.sparsify(
+def chase_sparsify(model: nn.Module, opt: torch.optim.Optimizer, options: dict):
+    return itop_timm.sparsify(
         model,
         opt,
         "chase",
@@ -48,6 +46,12 @@ def chase_run(steps: int = 24, resume_at: int | None = None, **options):
         total_steps=24,
         method_options={**CHASE, **options},
     )
+
+
+def chase_run(steps: int = 24, resume_at: int | None = None, **options):
+    model = resnet()
+    opt = sgd(model)
+    sp = chase_sparsify(model, opt, options)
     if resume_at is None:
         train_steps(model, opt, steps, input_size=SIZE)
         return model, sp
@@ -55,15 +59,7 @@ def chase_run(steps: int = 24, resume_at: int | None = None, **options):
     state, model_state, opt_state = sp.state_dict(), model.state_dict(), opt.state_dict()
     fresh = resnet(seed=1)
     fresh_opt = sgd(fresh)
-    sp2 = itop_timm.sparsify(
-        fresh,
-        fresh_opt,
-        "chase",
-        density=0.2,
-        update_interval=2,
-        total_steps=24,
-        method_options={**CHASE, **options},
-    )
+    sp2 = chase_sparsify(fresh, fresh_opt, options)
     fresh.load_state_dict(model_state)
     fresh_opt.load_state_dict(opt_state)
     sp2.load_state_dict(state)
