@@ -129,7 +129,13 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
             t = timed(functools.partial(step, model, opt, batch, after), sync)
             if i >= args.warmup:
                 times.append(t)
-    hooks = {"mask_hook_s": sp.apply_masks, "reference_hook_s": reference_after, "bool_hook_s": bool_hook}
+    hooks = {
+        "mask_hook_s": sp.apply_masks,
+        "reference_hook_s": reference_after,
+        "bool_hook_s": bool_hook,
+        # the default per-step hook for SGD: the pre-step gradient masking (the post-step hook then does nothing)
+        "grad_mask_hook_s": functools.partial(sp._before_optimizer_step, sp.optimizer, (), {}),
+    }
     if getattr(args, "compiled_hook", False):
         compiled = functools.partial(compiled_hook, sp)
         compiled()  # compiles

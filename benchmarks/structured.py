@@ -1,6 +1,6 @@
 """Structured sparsity on Fashion-MNIST (timm resnet18, 1 channel): dense vs RMDA (group LASSO over
-torch-pruning's coupled channel groups) vs Chase (channel-level DST, S_c 0.3 and 0.5) vs SRigL (constant
-fan-in DST), all at density 0.1 where sparse, several seeds; every model then compacted.
+torch-pruning's coupled channel groups) vs Chase (channel-level DST, S_c 0.3 and 0.5; layer-ranked 0.5
+and 0.6) vs SRigL (constant fan-in DST), all at density 0.1 where sparse, several seeds; every model then compacted.
 
 Every model is trained through ``recipes/train.py``, loaded back with ``load_sparse`` and compacted
 with ``itop_timm.structured.compact`` (all-zero or all-masked channel groups removed). Reported per run:
@@ -10,7 +10,7 @@ at 224 px, batch 1 and 64 (both models timed in this process, interleaved, media
 training wall time against the dense run of the same seed. Means ± std over seeds in the table.
 
     uv run python benchmarks/structured.py [--seeds 0 1 2] [--lambdas 2e-4] [--channel-sparsities 0.3 0.5]
-        [--layer-ranked 0.5] [--reuse-runs] [--summarize] [--quick]
+        [--layer-ranked 0.5 0.6] [--reuse-runs] [--summarize] [--quick]
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def main() -> None:
         "--layer-ranked",
         type=float,
         nargs="*",
-        default=[0.5],
+        default=[0.5, 0.6],
         help="S_c values of chase with ranking=layer (every group loses the same fraction; not in the paper)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

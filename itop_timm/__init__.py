@@ -34,7 +34,7 @@ from .plugins import load_plugins
 from .registry import list_distributions, list_methods, list_schedules
 from .schedules import ScheduleInfo, create_schedule, register_schedule
 from .serialization import CheckpointError
-from .sparsifier import Sparsifier, sparsify
+from .sparsifier import GRADIENT_MASKED_OPTIMIZERS, Sparsifier, sparsify
 from .structure import LayerPlan, StructureRule
 from .structured import chase as _chase  # noqa: F401  (registers the chase method)
 
@@ -51,6 +51,7 @@ __all__ = [
     "Sparsifier",
     "SparsityConfig",
     "SPARSIFY_DEFAULTS",
+    "GRADIENT_MASKED_OPTIMIZERS",
     "layer_densities",
     "compute_layer_densities",
     "sparse_parameter_shapes",

@@ -1,11 +1,15 @@
 """The Sparsifier: masks, the optimizer step hook, the topology update and ITOP bookkeeping.
 
 The training loop stays the user's (``loss.backward(); optimizer.step()``). :func:`sparsify` registers
-an optimizer *step post-hook* that, after every real optimizer step,
+optimizer step hooks that, at every real optimizer step,
 
-1. re-applies the masks to the sparse weights and to every optimizer-state tensor shaped like the
-   weight (SGD momentum, Adam moments, Lion/LAMB state, ...), so inactive weights are exactly 0 and a
-   regrown weight starts at 0 with fresh state;
+1. keep inactive weights and their optimizer state exactly 0, so a regrown weight starts at 0 with
+   fresh state. For the elementwise optimizers in :data:`GRADIENT_MASKED_OPTIMIZERS` (SGD, Adam,
+   AdamW, ...) a step *pre-hook* zeroes the inactive positions of the gradients: such a step leaves a
+   weight whose gradient, value and state are 0 at 0, so nothing else is touched (one pass over the
+   gradients). Otherwise, and on steps whose dense gradients a topology update reads, the *post-hook*
+   re-applies the masks to the sparse weights and to every optimizer-state tensor shaped like the
+   weight (SGD momentum, Adam moments, Lion/LAMB state, ...);
 2. every ``update_interval`` steps, per layer: drops the ``k = ceil(p_t * active)`` active weights with
    the lowest drop score and grows ``k`` inactive positions with the highest grow score (the method's
    two score functions), density preserved; the union of ever-active weights gives R_s.
@@ -60,6 +64,7 @@ __all__ = [
     "unwrap_model",
     "unwrap_optimizer",
     "SPARSIFY_DEFAULTS",
+    "GRADIENT_MASKED_OPTIMIZERS",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -68,6 +73,21 @@ STATE_FORMAT = "itop_timm.sparsifier.v1"
 
 #: ``hook(sparsifier, stats)`` called after every topology update (see :meth:`Sparsifier.register_update_hook`).
 UpdateHook = Callable[["Sparsifier", dict[str, Any]], None]
+
+#: Optimizers (these exact classes, not subclasses) whose step is elementwise with no reduction over a
+#: tensor, and leaves a weight at exactly 0 with its state at 0 when gradient, weight and state are 0 —
+#: so masking the gradients before the step keeps inactive weights and state at 0 by itself, and
+#: active weights get bit-for-bit the updates the post-step re-masking gives. Any other optimizer (LAMB's
+#: trust ratio and cautious variants reduce over the tensor; others keep state that moves at 0) is
+#: re-masked after every step.
+GRADIENT_MASKED_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+)
 
 
 def _is_int(value: object) -> bool:
@@ -186,8 +206,15 @@ class Sparsifier:
         self._paused = False
         # per (name, dtype): (the mask it was made from, its version, the mask as that dtype or None)
         self._factors: dict[tuple[str, torch.dtype], tuple[torch.Tensor, int, torch.Tensor | None]] = {}
+        # gradients are masked instead of weights and state while the masks are those last applied
+        self._masks_gradients = type(self.optimizer) in GRADIENT_MASKED_OPTIMIZERS and self._grad_ema is None
+        self._applied: dict[str, tuple[torch.Tensor, int]] | None = None  # masks as last applied
+        self._grads_masked = False
         self.apply_masks()
-        self._handles = [self.optimizer.register_step_post_hook(self._after_optimizer_step)]
+        self._handles = [
+            self.optimizer.register_step_pre_hook(self._before_optimizer_step),
+            self.optimizer.register_step_post_hook(self._after_optimizer_step),
+        ]
         _mark_owner(self.optimizer, self)
         _logger.info(
             "sparsify: method=%s density=%.4f (%s) over %d tensors, %d of %d weights active",
@@ -239,9 +266,11 @@ class Sparsifier:
 
         One ``torch._foreach_mul_`` over every such tensor with the cached masks in the tensor's dtype;
         tensors whose mask is all true are skipped. Each parameter keeps its own tensors (nothing is
-        flattened together), so sharded parameters mask their local shards only.
+        flattened together), so sharded parameters mask their local shards only. The step hooks call it
+        whenever needed; call it yourself after writing into the weights outside the optimizer.
         """
         self._follow_devices()
+        self._applied = {name: (local(m), local(m)._version) for name, m in self.masks.items()}
         if self.compile_hook:
             self._apply_masks_compiled()
             return
@@ -271,11 +300,46 @@ class Sparsifier:
         if groups:
             _compiled_zero_off_mask()(groups)
 
+    def _masks_unchanged(self) -> bool:
+        """Whether every mask is still the one (same tensor, same version) :meth:`apply_masks` last applied."""
+        applied = self._applied
+        if applied is None:
+            return False
+        for name, m in self.masks.items():
+            mask = local(m)
+            if applied[name][0] is not mask or applied[name][1] != mask._version:
+                return False
+        return True
+
+    @torch.no_grad()
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Zero the gradients' inactive positions when that alone keeps inactive weights and state at 0:
+        an elementwise optimizer, masks unchanged since weights and state were last masked, and no
+        topology update after this step (it reads the dense gradients)."""
+        self._grads_masked = False
+        if self._paused or not self._masks_gradients:
+            return
+        self._follow_devices()  # e.g. moved by accelerator.prepare: new masks, so re-masked after this step
+        if self.update_due(self.step + 1) or not self._masks_unchanged():
+            return
+        grads: list[torch.Tensor] = []
+        factors: list[torch.Tensor] = []
+        for name, p in self._params.items():
+            if p.grad is not None:
+                factor = self._mask_factor(name, p.grad.dtype)
+                if factor is not None:
+                    grads.append(local(p.grad))  # sharded: this rank's shard, no communication
+                    factors.append(factor)
+        if grads:
+            torch._foreach_mul_(grads, factors)
+        self._grads_masked = True
+
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._paused:
             return
         self.step += 1
-        self.apply_masks()
+        if not self._grads_masked:  # (set by the pre-hook of this very step)
+            self.apply_masks()
         if self.structure is not None:
             self.structure.after_step(self)
         if self._grad_ema is not None:
@@ -475,6 +539,7 @@ class Sparsifier:
             yield
         finally:
             self._paused = False
+            self._applied = None  # weights may have moved unmasked: the next step masks them again
 
     def remove(self) -> None:
         """Detach the optimizer hooks (the masks stay as they are)."""

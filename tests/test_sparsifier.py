@@ -233,6 +233,9 @@ OPTIMIZERS = {
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3),
     "adam_amsgrad": lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True),
     "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.9),
+    "rmsprop_centered": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.9, centered=True),
+    "nadam": lambda p: torch.optim.NAdam(p, lr=1e-3, weight_decay=1e-2, decoupled_weight_decay=True),
+    "radam": lambda p: torch.optim.RAdam(p, lr=1e-3, weight_decay=1e-2),
     "timm_lamb": lambda p: timm.optim.Lamb(p, lr=1e-3),
     "timm_lion": lambda p: timm.optim.Lion(p, lr=1e-4),
     "timm_adan": lambda p: timm.optim.Adan(p, lr=1e-3),
@@ -283,6 +286,54 @@ def test_compiled_hook_gives_the_same_zeros_and_weights(kind):
     (w_eager, m_eager), (w_compiled, m_compiled) = runs
     assert all(torch.equal(m_eager[n], m_compiled[n]) for n in m_eager)
     assert all(torch.equal(w_eager[n], w_compiled[n]) for n in w_eager)
+
+
+@pytest.mark.parametrize(
+    "kind", ["sgd_nesterov", "adamw", "adam_amsgrad", "rmsprop_centered", "nadam", "radam"]
+)
+def test_gradient_masking_trains_bit_for_bit_like_re_masking(kind):
+    """For GRADIENT_MASKED_OPTIMIZERS the pre-step hook masks only the gradients; the same optimizer as
+    a subclass (not on the list) is re-masked after every step. Both train to identical weights,
+    optimizer state and masks, through topology updates (every 3rd step)."""
+    opt_class = type(OPTIMIZERS[kind]([nn.Parameter(torch.zeros(1))]))
+    assert opt_class in itop_timm.GRADIENT_MASKED_OPTIMIZERS
+    runs = []
+    for subclass in (False, True):
+        model = tiny_cnn()
+        opt = OPTIMIZERS[kind](model.parameters())
+        if subclass:
+            opt.__class__ = type("Subclassed", (opt_class,), {})
+        sp = sparsify(model, opt, method="rigl", density=0.2, update_interval=3, total_steps=50)
+        masked_steps = []
+        sp.optimizer.register_step_post_hook(lambda *_, sp=sp, m=masked_steps: m.append(sp._grads_masked))
+        train_steps(model, opt, 8, input_size=(3, 8, 8))
+        assert masked_steps == ([False] * 8 if subclass else [True, True, False] * 2 + [True, True])
+        state = {
+            n: {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+            for n, p in model.named_parameters()
+        }
+        runs.append((snapshot(model), state, {n: m.clone() for n, m in sp.masks.items()}))
+    (w_a, s_a, m_a), (w_b, s_b, m_b) = runs
+    assert all(torch.equal(m_a[n], m_b[n]) for n in m_a)
+    assert all(torch.equal(w_a[n], w_b[n]) for n in w_a)
+    assert all(torch.equal(s_a[n][k], s_b[n][k]) for n in s_a for k in s_a[n])
+
+
+def test_weights_moved_outside_the_masked_steps_are_masked_again():
+    """Steps inside ``paused()`` and masks changed in place are followed by a full re-masking step."""
+    model = tiny_cnn()
+    opt = sgd(model)
+    sp = sparsify(model, opt, method="set", density=0.2, update_interval=100, total_steps=500)
+    conv = model[3].weight
+    with sp.paused():  # an unmasked step: the inactive weights move
+        train_steps(model, opt, 1, input_size=(3, 8, 8))
+    assert conv[~sp.masks["3.weight"]].any()
+    train_steps(model, opt, 1, input_size=(3, 8, 8), seed=1)
+    assert not conv[~sp.masks["3.weight"]].any()
+    assert not opt.state[conv]["momentum_buffer"][~sp.masks["3.weight"]].any()
+    sp.masks["3.weight"][0] = False  # a user's in-place change
+    train_steps(model, opt, 1, input_size=(3, 8, 8), seed=2)
+    assert not conv[0].any() and not opt.state[conv]["momentum_buffer"][0].any()
 
 
 def test_timm_registry_rigl_sgd_and_friends():
