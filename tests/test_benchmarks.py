@@ -47,6 +47,7 @@ def run_script(name: str, env: dict, *args: str) -> str:
     return result.stdout + result.stderr
 
 
+@pytest.mark.slow  # 67 s on the CI machine (the default suite passed 15 min); run with -m slow
 def test_step_overhead_quick(bench_env):
     env, results = bench_env
     out = run_script("step_overhead.py", env, "--quick", "--models", "resnet18", "--memory")
@@ -84,6 +85,7 @@ def test_condense_quick(bench_env):
     assert "vs CSR" in out
 
 
+@pytest.mark.slow  # 29 s on the CI machine; run with -m slow
 def test_checkpoint_sizes_quick(bench_env):
     env, results = bench_env
     run_script("checkpoint_sizes.py", env, "--quick")
