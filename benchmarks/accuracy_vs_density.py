@@ -116,8 +116,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     tag = "accuracy_vs_density" + ("_quick" if args.quick else "")
     samples = args.train_samples or None
-    plan = [("dense", 1.0, s) for s in args.seeds] + [
-        (m, d, s) for d in args.densities for m in args.methods for s in args.seeds
+    # Seed-major: a run cut short (``--reuse-runs`` continues it) has whole seeds' tables first.
+    plan = [
+        run
+        for s in args.seeds
+        for run in [("dense", 1.0, s)] + [(m, d, s) for d in args.densities for m in args.methods]
     ]
     runs = []
     start = time.time()

@@ -103,6 +103,32 @@ def throughput() -> str:
     )
 
 
+def bare_step() -> str:
+    data = _load("bare_step_cpu.json")
+    if not data:
+        return "*not run yet*"
+    s = data["settings"]
+    labels = {
+        "eager": "eager (throughput.py's bare loop)",
+        "eager_control": "eager, second copy (A/A)",
+        "channels_last": "channels_last",
+        "bf16_autocast": "bf16 autocast (forward)",
+        "compile": "torch.compile (inductor)",
+    }
+    rows = [
+        f"| {labels.get(name, name)} | {r['samples_per_s']:.0f} | {r['step_s'] * 1e3:.0f} ms | **{r['ratio_to_eager']:.3f}** |"
+        for name, r in data["results"].items()
+    ]
+    return (
+        f"Command: `{data['command']}` — {s['model']}, {s['img_size']} px, batch {s['batch_size']}, "
+        f"{s['rounds']} alternating rounds of {s['windows']} windows of {s['log_interval']} steps per variant "
+        f"(medians), {data['wall_time_s'] / 60:.0f} min in all.\n\n"
+        + _table("| bare loop variant | samples/s | step | / eager |", rows)
+        + "\n\n"
+        + _machine(data)
+    )
+
+
 def accuracy() -> str:
     data = _load("accuracy_vs_density.json")
     if not data:
@@ -231,6 +257,7 @@ def condense() -> str:
 SECTIONS: dict[str, Callable[[], str]] = {
     "overhead": overhead,
     "throughput": throughput,
+    "bare_step": bare_step,
     "accuracy": accuracy,
     "scaling": scaling,
     "checkpoints": checkpoints,

@@ -64,11 +64,24 @@ def recipe_config(name: str, img_size: int, method: str, args: argparse.Namespac
     return cfg
 
 
+BARE_VARIANTS = ("eager", "channels_last", "bf16_autocast", "compile")
+
+
 class BareLoop:
     """A plain PyTorch training loop over the decoded tensor, with the recipe's model, optimizer and
-    augmentation; ``window()`` trains ``log_interval`` steps and returns their samples/s."""
+    augmentation; ``window()`` trains ``log_interval`` steps and returns their samples/s.
 
-    def __init__(self, cfg: dict, device: torch.device, model: torch.nn.Module | None = None) -> None:
+    ``variant`` is one of :data:`BARE_VARIANTS`: ``eager`` (the loop the recipe is compared with), or one
+    standard lever on it: the model and batches in ``channels_last``, the forward pass under
+    ``torch.autocast(dtype=bfloat16)``, or the model wrapped in ``torch.compile`` (inductor)."""
+
+    def __init__(
+        self,
+        cfg: dict,
+        device: torch.device,
+        model: torch.nn.Module | None = None,
+        variant: str = "eager",
+    ) -> None:
         from timm.optim import create_optimizer_v2
 
         tc = TrainConfig.from_dict(cfg)
@@ -85,11 +98,19 @@ class BareLoop:
         self.optimizer = create_optimizer_v2(
             self.model, "sgd", lr=0.1, momentum=0.9, weight_decay=tc.optim.weight_decay
         )
+        if variant not in BARE_VARIANTS:
+            raise ValueError(f"variant {variant!r} is not one of {BARE_VARIANTS}")
+        self.channels_last = variant == "channels_last"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(self.model) if variant == "compile" else self.model
+        self.autocast = variant == "bf16_autocast"
         self.batch_size, self.device, self.step_count = tc.data.batch_size, device, 0
-        self.cfg = cfg
+        self.cfg, self.variant = cfg, variant
 
-    def clone(self) -> BareLoop:
-        return BareLoop(self.cfg, self.device, copy.deepcopy(self.model))
+    def clone(self, variant: str | None = None) -> BareLoop:
+        """A second loop on a copy of this one's model, with ``variant`` (default: the same)."""
+        return BareLoop(self.cfg, self.device, copy.deepcopy(self.model), variant or self.variant)
 
     def _step(self) -> torch.Tensor:
         n = len(self.labels)
@@ -98,7 +119,11 @@ class BareLoop:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch)).to(self.device)
         idx = order[k * self.batch_size : (k + 1) * self.batch_size]
         x = self.augment(self.images[idx], idx, epoch)
-        loss = F.cross_entropy(self.model(x), self.labels[idx])
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits = self.forward(x)
+        loss = F.cross_entropy(logits.float(), self.labels[idx])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -71,6 +71,18 @@ def test_throughput_quick(bench_env):
     assert Path(data["plot"]).stat().st_size > 1000 and "hook overhead" in out
 
 
+@pytest.mark.slow  # compiles a resnet18 (about a minute on 2 cores)
+def test_bare_step_quick(bench_env):
+    env, results = bench_env
+    out = run_script("bare_step.py", env, "--quick")
+    data = json.loads((results / "bare_step_cpu_quick.json").read_text())
+    variants = ["eager", "eager_control", "channels_last", "bf16_autocast", "compile"]
+    assert list(data["results"]) == variants and all(len(data["rates"][v]) == 1 for v in variants)
+    assert data["results"]["eager"]["ratio_to_eager"] == 1.0
+    assert all(r["samples_per_s"] > 0 and r["step_s"] > 0 for r in data["results"].values())
+    assert "compile" in out
+
+
 def test_condense_quick(bench_env):
     env, results = bench_env
     out = run_script("condense.py", env, "--quick")
