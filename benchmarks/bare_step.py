@@ -12,7 +12,7 @@ recipe's batch augmentation and thread count), it interleaves windows of
 
 and reports each variant's samples/s over the eager loop's (medians over windows and rounds).
 
-    uv run python benchmarks/bare_step.py            # CPU: about 10 minutes on 2 cores
+    uv run python benchmarks/bare_step.py            # CPU: about 5 minutes on 2 cores
     uv run python benchmarks/bare_step.py --quick    # smoke run
 """
 
@@ -67,13 +67,10 @@ def main() -> None:
             logging.info("round %d %s: %s samples/s", r, name, [round(v, 1) for v in got])
             rates[name].extend(got)
     eager_rate = median(rates["eager"])
+    medians = {name: median(v) for name, v in rates.items()}
     results = {
-        name: {
-            "samples_per_s": median(v),
-            "step_s": args.batch_size / median(v),
-            "ratio_to_eager": median(v) / eager_rate,
-        }
-        for name, v in rates.items()
+        name: {"samples_per_s": m, "step_s": args.batch_size / m, "ratio_to_eager": m / eager_rate}
+        for name, m in medians.items()
     }
     payload = {
         "benchmark": "bare_step",

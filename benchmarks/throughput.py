@@ -84,6 +84,8 @@ class BareLoop:
     ) -> None:
         from timm.optim import create_optimizer_v2
 
+        if variant not in BARE_VARIANTS:  # before any data is decoded
+            raise ValueError(f"variant {variant!r} is not one of {BARE_VARIANTS}")
         tc = TrainConfig.from_dict(cfg)
         splits = load_splits(tc.data, tc.train.seed)
         mode = "L" if tc.model.in_chans == 1 else "RGB"
@@ -98,8 +100,6 @@ class BareLoop:
         self.optimizer = create_optimizer_v2(
             self.model, "sgd", lr=0.1, momentum=0.9, weight_decay=tc.optim.weight_decay
         )
-        if variant not in BARE_VARIANTS:
-            raise ValueError(f"variant {variant!r} is not one of {BARE_VARIANTS}")
         self.channels_last = variant == "channels_last"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
