@@ -3,7 +3,7 @@
 # (hours); `make bench-quick` is a smoke run of every script (minutes).
 PY := python3 -m uv run --locked python
 
-.PHONY: bench bench-quick bench-full test
+.PHONY: bench bench-quick bench-full bench-protocol test
 
 test:
 	python3 -m uv run --locked pytest
@@ -19,6 +19,10 @@ bench-full: bench
 	$(PY) benchmarks/averaging.py
 	$(PY) benchmarks/structured.py
 	$(PY) benchmarks/condense.py
+
+# BENCHMARKS §1: the full accuracy protocol (27 runs of ~10 min on 2 cores); continues where it stopped.
+bench-protocol:
+	$(PY) benchmarks/accuracy_vs_density.py --train-samples 0 --densities 0.1 0.02 --update-interval 100 --reuse-runs
 
 bench-quick:
 	$(PY) benchmarks/step_overhead.py --quick --models resnet18 --memory

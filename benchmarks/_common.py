@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -137,29 +138,54 @@ def add_reuse_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _config_text(cfg: dict[str, Any], processes: int) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg) + (f"# processes: {processes}\n" if processes > 1 else "")
+
+
+def _without_output_dir(config_text: str) -> str:
+    # The output folder is where the saved config lies, so a run read back from a clone at another path
+    # (the full protocol's runs are committed) still matches.
+    return re.sub(r"^  output_dir: .*$", "", config_text, flags=re.MULTILINE)
+
+
+def finished_run(cfg: dict[str, Any], *, processes: int = 1) -> dict[str, Any] | None:
+    """The summary (plus metrics log) of the finished run in ``cfg``'s output folder whose saved config
+    (and process count) equals ``cfg``'s, or None when there is none."""
+    out = Path(cfg["run"]["output_dir"])
+    config_path, summary_path = out / "bench_config.yaml", out / "summary.json"
+    if not (summary_path.exists() and config_path.exists()):
+        return None
+    if _without_output_dir(config_path.read_text()) != _without_output_dir(_config_text(cfg, processes)):
+        return None
+    return _read_run(out)
+
+
 def run_recipe(
     cfg: dict[str, Any], *, processes: int = 1, timeout: int = 7200, reuse: bool = False
 ) -> dict[str, Any]:
     """Run ``recipes/train.py`` on ``cfg`` in a fresh process (``accelerate launch`` for several) and
-    return its summary plus the metrics log. With ``reuse``, a finished run in the same output folder
-    whose saved config (and process count) equals this one is read back instead of trained again."""
+    return its summary plus the metrics log. With ``reuse``, the :func:`finished_run` in the same output
+    folder is read back instead of trained again."""
     import subprocess
     import sys
 
-    import yaml
-
     out = Path(cfg["run"]["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "bench_config.yaml"
-    config_text = yaml.safe_dump(cfg) + (f"# processes: {processes}\n" if processes > 1 else "")
-    summary_path = out / "summary.json"
-    if reuse and summary_path.exists() and config_path.exists() and config_path.read_text() == config_text:
+    if reuse and (summary := finished_run(cfg, processes=processes)) is not None:
         logging.getLogger(__name__).info("reusing the finished run in %s", out)
-        return _read_run(out)
-    summary_path.unlink(missing_ok=True)
-    config_path.write_text(config_text)
+        return summary
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
+    (out / "bench_config.yaml").write_text(_config_text(cfg, processes))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
-    recipe = [str(ROOT / "recipes" / "train.py"), "--config", str(config_path), "--log-level", "WARNING"]
+    recipe = [
+        str(ROOT / "recipes" / "train.py"),
+        "--config",
+        str(out / "bench_config.yaml"),
+        "--log-level",
+        "WARNING",
+    ]
     if processes > 1:
         cmd = [
             sys.executable,
@@ -198,6 +224,30 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     if len(values) == 1:
         return values[0], 0.0
     return statistics.mean(values), statistics.stdev(values)
+
+
+# Student's t, two-sided 5 %: the 0.975 quantile for 1..10 degrees of freedom (beyond 10: the normal's).
+_T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def welch_gap(sample: list[float], reference: list[float]) -> dict[str, Any]:
+    """Whether ``mean(sample) - mean(reference)`` is beyond seed noise: Welch's two-sided t-test at 5 %.
+
+    Returns the ``gap``, its standard error ``se`` (sqrt(s_a²/n_a + s_b²/n_b)), the statistic ``t``, the
+    Welch-Satterthwaite degrees of freedom ``df`` and ``beyond_noise`` (|t| above Student's 0.975 quantile
+    at ``floor(df)`` degrees of freedom: rounding down is the conservative side). With fewer than 2 values on
+    either side nothing can be said: ``se``, ``t`` and ``df`` are None and ``beyond_noise`` is None."""
+    gap = statistics.mean(sample) - statistics.mean(reference)
+    if len(sample) < 2 or len(reference) < 2:
+        return {"gap": gap, "se": None, "t": None, "df": None, "beyond_noise": None}
+    va, vb = statistics.variance(sample) / len(sample), statistics.variance(reference) / len(reference)
+    se = (va + vb) ** 0.5
+    if se == 0.0:
+        return {"gap": gap, "se": 0.0, "t": None, "df": None, "beyond_noise": gap != 0.0}
+    df = (va + vb) ** 2 / (va**2 / (len(sample) - 1) + vb**2 / (len(reference) - 1))
+    t = gap / se
+    critical = _T_975[int(df) - 1] if int(df) <= len(_T_975) else 1.96
+    return {"gap": gap, "se": se, "t": t, "df": df, "beyond_noise": abs(t) > critical}
 
 
 def aggregate_seeds(rows: list[dict[str, Any]], key: str = "model") -> list[dict[str, Any]]:

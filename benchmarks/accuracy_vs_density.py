@@ -5,28 +5,34 @@ Protocol (issue 7): 10 epochs, batch 128, SGD lr 0.1 / Nesterov 0.9 / wd 5e-4, l
 random-crop (pad 2) + flip augmentation, ERK densities, cosine prune rate from 0.5, ΔT = --update-interval.
 Every run goes through ``recipes/train.py`` in its own process.
 
+    uv run python benchmarks/accuracy_vs_density.py --train-samples 0 --densities 0.1 0.02 \
+        --update-interval 100 --reuse-runs               # the full protocol, BENCHMARKS §1 (27 runs, hours)
     uv run python benchmarks/accuracy_vs_density.py --train-samples 10000  # `make bench-full` (~3 h, 2 cores)
     uv run python benchmarks/accuracy_vs_density.py --train-samples 2000 --eval-samples 5000 \
         --update-interval 10                                                # `make bench` (~45 min)
     uv run python benchmarks/accuracy_vs_density.py --quick                # smoke run (minutes)
 
 Writes benchmarks/results/accuracy_vs_density[_quick].json and PNG plots (accuracy vs density, R_s vs step).
+Each gap to dense comes with Welch's two-sided t-test at 5 % over the seeds ("beyond seed noise" or not).
+The full protocol's finished runs (config, summary, metrics log) are committed under
+benchmarks/results/runs/accuracy_vs_density/, so ``--reuse-runs`` continues it from a fresh clone.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import time
 
 from _common import (
     RESULTS,
     RUNS,
     add_reuse_flag,
     fashion_mnist_config,
+    finished_run,
     machine,
     mean_std,
     run_recipe,
+    welch_gap,
     write_json,
 )
 
@@ -86,6 +92,43 @@ def plot(results: dict, out_prefix: str) -> list[str]:
     return paths
 
 
+def summarise(runs: list[dict], methods: list[str], densities: list[float]) -> tuple[dict | None, list[dict]]:
+    """Dense's mean/std of test top-1 (None without a dense run) and one row per (density, method) cell
+    with finished runs: mean ± std of top-1 and R_s over its seeds and the gap to dense with Welch's test."""
+    dense = [r for r in runs if r["method"] == "dense"]
+    if not dense:
+        return None, []
+    dense_top1 = [r["test_top1"] for r in dense]
+    table = []
+    for d in densities:
+        for m in methods:
+            sel = [r for r in runs if r["method"] == m and r["density"] == d]
+            if not sel:
+                continue
+            acc_m, acc_s = mean_std([r["test_top1"] for r in sel])
+            rs_m, rs_s = mean_std([r["itop_rate"] for r in sel])
+            gap = welch_gap([r["test_top1"] for r in sel], dense_top1)
+            table.append(
+                {
+                    "method": m,
+                    "density": d,
+                    "seeds": [r["seed"] for r in sel],
+                    "top1_mean": acc_m,
+                    "top1_std": acc_s,
+                    "gap_to_dense": gap["gap"],
+                    "gap_se": gap["se"],
+                    "gap_t": gap["t"],
+                    "gap_df": gap["df"],
+                    "gap_beyond_noise": gap["beyond_noise"],
+                    "itop_rate_mean": rs_m,
+                    "itop_rate_std": rs_s,
+                    "wall_time_s_mean": mean_std([r["wall_time_s"] for r in sel])[0],
+                }
+            )
+    mean, std = mean_std(dense_top1)
+    return {"mean": mean, "std": std, "seeds": [r["seed"] for r in dense]}, table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -103,6 +146,12 @@ def main() -> None:
         "--quick", action="store_true", help="smoke run: 1 seed, 2 epochs, 512 images, 2 methods"
     )
     add_reuse_flag(parser)
+    parser.add_argument(
+        "--summarize",
+        action="store_true",
+        help="train nothing: tabulate the finished runs (as --reuse-runs would reuse them) of a protocol "
+        "still under way, marked incomplete in the JSON and in BENCHMARKS.md",
+    )
     args = parser.parse_args()
     if args.quick:
         args.densities, args.methods, args.seeds, args.epochs, args.train_samples = (
@@ -114,7 +163,11 @@ def main() -> None:
         )
         args.update_interval, args.eval_samples = 2, 500
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    tag = "accuracy_vs_density" + ("_quick" if args.quick else "")
+    # The full protocol (all 60k images) owns the plain name, which BENCHMARKS §1 renders; a subsample's
+    # runs and results are kept apart so that they never overwrite the protocol's committed runs.
+    tag = "accuracy_vs_density" + (
+        "_quick" if args.quick else f"_{args.train_samples}img" if args.train_samples else ""
+    )
     samples = args.train_samples or None
     # Seed-major: a run cut short (``--reuse-runs`` continues it) has whole seeds' tables first.
     plan = [
@@ -123,7 +176,6 @@ def main() -> None:
         for run in [("dense", 1.0, s)] + [(m, d, s) for d in args.densities for m in args.methods]
     ]
     runs = []
-    start = time.time()
     for i, (method, density, seed) in enumerate(plan, 1):
         out = RUNS / tag / f"{method}_d{density}_s{seed}"
         cfg = fashion_mnist_config(
@@ -136,7 +188,9 @@ def main() -> None:
             update_interval=args.update_interval,
             eval_samples=args.eval_samples or None,
         )
-        summary = run_recipe(cfg, reuse=args.reuse_runs)
+        summary = finished_run(cfg) if args.summarize else run_recipe(cfg, reuse=args.reuse_runs)
+        if summary is None:
+            continue
         history = [{"step": 0, "itop_rate": summary.get("density", 1.0)}] + [
             {"step": r["step"], "itop_rate": r["itop_rate"]}
             for r in summary["metrics"]
@@ -176,40 +230,33 @@ def main() -> None:
             " --quick"
             if args.quick
             else f" --train-samples {args.train_samples} --epochs {args.epochs} --update-interval {args.update_interval}"
+            + f" --densities {' '.join(map(str, args.densities))}"
+            + "".join(
+                f" --{name} {' '.join(map(str, getattr(args, name)))}"
+                for name in ("methods", "seeds")
+                if getattr(args, name) != parser.get_default(name)
+            )
             + (f" --eval-samples {args.eval_samples}" if args.eval_samples else "")
+            + " --reuse-runs"
         ),
-        "wall_time_s": time.time() - start,
+        "wall_time_s": sum(r["wall_time_s"] for r in runs),  # training time of the runs, summed
+        "runs_planned": len(plan),
+        "complete": len(runs) == len(plan),
         "methods": args.methods,
         "densities": args.densities,
         "runs": runs,
     }
-    dense = [r["test_top1"] for r in runs if r["method"] == "dense"]
-    table = []
-    for d in args.densities:
-        for m in args.methods:
-            sel = [r for r in runs if r["method"] == m and r["density"] == d]
-            acc_m, acc_s = mean_std([r["test_top1"] for r in sel])
-            rs_m, rs_s = mean_std([r["itop_rate"] for r in sel])
-            table.append(
-                {
-                    "method": m,
-                    "density": d,
-                    "top1_mean": acc_m,
-                    "top1_std": acc_s,
-                    "gap_to_dense": acc_m - mean_std(dense)[0],
-                    "itop_rate_mean": rs_m,
-                    "itop_rate_std": rs_s,
-                }
-            )
-    results["dense_top1"] = dict(zip(("mean", "std"), mean_std(dense), strict=True))
-    results["table"] = table
+    results["dense_top1"], results["table"] = summarise(runs, args.methods, args.densities)
     results["plots"] = plot(results, tag)
     path = write_json(f"{tag}.json", results)
-    print(f"dense: {results['dense_top1']['mean']:.2f} ± {results['dense_top1']['std']:.2f}")
-    print(f"{'method':22s} {'density':>8s} {'top-1':>14s} {'gap':>7s} {'R_s':>14s}")
-    for row in table:
+    print(f"{len(runs)} of {len(plan)} runs finished")
+    if results["dense_top1"]:
+        print(f"dense: {results['dense_top1']['mean']:.2f} ± {results['dense_top1']['std']:.2f}")
+    print(f"{'method':22s} {'density':>8s} {'top-1':>14s} {'gap':>7s} {'beyond noise':>12s} {'R_s':>14s}")
+    for row in results["table"]:
+        verdict = {True: "yes", False: "no", None: "n/a"}[row["gap_beyond_noise"]]
         print(
-            f"{METHOD_LABELS.get(row['method'], row['method']):22s} {row['density']:8.3f} {row['top1_mean']:7.2f} ± {row['top1_std']:4.2f} {row['gap_to_dense']:+7.2f} {row['itop_rate_mean']:7.3f} ± {row['itop_rate_std']:.3f}"
+            f"{METHOD_LABELS.get(row['method'], row['method']):22s} {row['density']:8.3f} {row['top1_mean']:7.2f} ± {row['top1_std']:4.2f} {row['gap_to_dense']:+7.2f} {verdict:>12s} {row['itop_rate_mean']:7.3f} ± {row['itop_rate_std']:.3f}"
         )
     print(f"wrote {path}")
 

@@ -129,24 +129,52 @@ def bare_step() -> str:
     )
 
 
-def accuracy() -> str:
-    data = _load("accuracy_vs_density.json")
+def _accuracy(name: str) -> str:
+    data = _load(name)
     if not data:
         return "*not run yet*"
-    dense = data["dense_top1"]
-    intro = (
-        f"Dense: **{dense['mean']:.2f} ± {dense['std']:.2f}** (R_s 1). Command: `{data['command']}` "
-        f"({data['settings']['train_samples'] or 60000} training images, {data['settings']['epochs']} epochs, seeds {data['settings']['seeds']}, "
-        f"{data['wall_time_s'] / 3600:.1f} h in all)."
+    settings, dense = data["settings"], data["dense_top1"]
+    images = settings["train_samples"] or 60000
+    progress = (
+        ""
+        if data.get("complete", True)
+        else f" **Under way: {len(data['runs'])} of {data['runs_planned']} runs finished** (the table holds "
+        "those; `--reuse-runs` continues the protocol, `--summarize` re-tabulates it)."
     )
-    header = "| method | density | test top-1 (mean ± std) | gap to dense | R_s (mean ± std) |"
+    seeds = len(dense["seeds"]) if dense else 0
+    minutes = sum(r["wall_time_s"] for r in data["runs"]) / 60
+    if seeds > 1:
+        intro = f"Dense: **{dense['mean']:.2f} ± {dense['std']:.2f}** (R_s 1, {seeds} seeds). "
+    else:
+        intro = f"Dense: **{dense['mean']:.2f}** (R_s 1, 1 seed). " if dense else ""
+    intro += (
+        f"Command: `{data['command']}` ({images} training images, {settings['epochs']} epochs, "
+        f"ΔT = {settings['update_interval']}, seeds {settings['seeds']}; {minutes / 60:.1f} h of training in all, "
+        f"{minutes / max(len(data['runs']), 1):.0f} min per run)." + progress
+    )
+    header = "| method | density | seeds | test top-1 (mean ± std) | gap to dense (± s.e.) | beyond seed noise? | R_s (mean ± std) |"
     rows = []
     for r in data["table"]:
+        se = f" ± {r['gap_se']:.2f}" if r["gap_se"] is not None else ""
+        verdict = {True: "**yes**", False: "no", None: "n/a (1 seed)"}[r["gap_beyond_noise"]]
+        if r["gap_t"] is not None:
+            verdict += f" (t = {r['gap_t']:+.1f}, {r['gap_df']:.1f} df)"
         rows.append(
-            f"| {LABELS.get(r['method'], r['method'])} | {r['density']} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} | "
-            f"{r['gap_to_dense']:+.2f} | {r['itop_rate_mean']:.3f} ± {r['itop_rate_std']:.3f} |"
+            f"| {LABELS.get(r['method'], r['method'])} | {r['density']} | {len(r['seeds'])} | "
+            f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f} | {r['gap_to_dense']:+.2f}{se} | {verdict} | "
+            f"{r['itop_rate_mean']:.3f} ± {r['itop_rate_std']:.3f} |"
         )
     return intro + "\n\n" + _table(header, rows) + "\n\n" + _machine(data)
+
+
+def accuracy() -> str:
+    """BENCHMARKS §1: the full protocol (all 60k training images)."""
+    return _accuracy("accuracy_vs_density.json")
+
+
+def accuracy_2000img() -> str:
+    """BENCHMARKS §1b: `make bench`'s 2,000-image sweep."""
+    return _accuracy("accuracy_vs_density_2000img.json")
 
 
 def scaling() -> str:
@@ -259,6 +287,7 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "throughput": throughput,
     "bare_step": bare_step,
     "accuracy": accuracy,
+    "accuracy_2000img": accuracy_2000img,
     "scaling": scaling,
     "checkpoints": checkpoints,
     "averaging": averaging,

@@ -132,6 +132,16 @@ def test_accuracy_vs_density_quick(bench_env):
             assert after == before
     assert unfinished.exists()
 
+    # a protocol under way is tabulated from its finished runs alone, marked incomplete, nothing trained
+    unfinished.unlink()
+    log = run_script("accuracy_vs_density.py", env, "--quick", "--summarize")
+    partial = json.loads((results / "accuracy_vs_density_quick.json").read_text())
+    assert "reusing" not in log and not unfinished.exists()
+    assert partial["complete"] is False and partial["runs_planned"] == len(data["runs"])
+    assert [r["method"] for r in partial["runs"]] == ["dense", "static"]
+    assert [(row["method"], row["seeds"]) for row in partial["table"]] == [("static", [0])]
+    assert partial["table"][0]["gap_beyond_noise"] is None  # one seed a side: nothing can be said
+
 
 @pytest.mark.slow
 def test_scaling_quick(bench_env):
@@ -172,3 +182,50 @@ def test_fsdp_quick(bench_env):
     assert all(s["state_mib"] < d["state_mib"] for s, d in zip(sharded, ddp, strict=True))  # sharded state
     assert sharded[0]["itop_rate"] > 0 and sharded[0]["update_s"] > 0
     assert "sparsifier step overhead under FSDP" in out
+
+
+def _bench_common():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return _common
+
+
+def test_welch_gap_against_hand_computed_values():
+    welch_gap = _bench_common().welch_gap
+    # equal variances 1, n = 3 a side: s.e. = sqrt(2/3), df = 4 exactly, Student's 0.975 quantile 2.776
+    far = welch_gap([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert far["gap"] == -3.0 and abs(far["se"] - (2 / 3) ** 0.5) < 1e-12 and abs(far["df"] - 4.0) < 1e-12
+    assert abs(far["t"] + 3.0 / (2 / 3) ** 0.5) < 1e-12 and far["beyond_noise"] is True  # |t| 3.67 > 2.776
+    near = welch_gap([1.0, 2.0, 3.0], [3.0, 4.0, 5.0])  # |t| 2.45 < 2.776
+    assert near["beyond_noise"] is False
+    single = welch_gap([80.0], [81.0, 82.0])
+    assert single["gap"] == -1.5 and single["beyond_noise"] is None and single["t"] is None
+
+
+def test_finished_run_is_found_from_a_moved_folder_and_only_for_its_own_config(tmp_path):
+    common = _bench_common()
+    out = tmp_path / "a" / "rigl_d0.1_s0"
+    cfg = common.fashion_mnist_config(out, epochs=1, train_samples=None, seed=0, method="rigl", density=0.1)
+    out.mkdir(parents=True)
+    (out / "bench_config.yaml").write_text(common._config_text(cfg, 1))
+    (out / "summary.json").write_text(json.dumps({"test_top1_last": 50.0}))
+    (out / "metrics.jsonl").write_text(json.dumps({"event": "train", "step": 1}) + "\n")
+    assert common.finished_run(cfg) == {"test_top1_last": 50.0, "metrics": [{"event": "train", "step": 1}]}
+
+    moved = tmp_path / "b" / "rigl_d0.1_s0"  # a clone at another path: the committed runs still count
+    moved.parent.mkdir()
+    out.rename(moved)
+    cfg_moved = common.fashion_mnist_config(
+        moved, epochs=1, train_samples=None, seed=0, method="rigl", density=0.1
+    )
+    assert common.finished_run(cfg_moved)["test_top1_last"] == 50.0
+    other_seed = common.fashion_mnist_config(
+        moved, epochs=1, train_samples=None, seed=1, method="rigl", density=0.1
+    )
+    assert common.finished_run(other_seed) is None
+    assert common.finished_run(cfg_moved, processes=2) is None
+    (moved / "summary.json").unlink()  # unfinished
+    assert common.finished_run(cfg_moved) is None
