@@ -12,7 +12,8 @@ Every run goes through ``recipes/train.py`` in its own process.
         --update-interval 10                                                # `make bench` (~45 min)
     uv run python benchmarks/accuracy_vs_density.py --quick                # smoke run (minutes)
 
-Writes benchmarks/results/accuracy_vs_density[_quick].json and PNG plots (accuracy vs density, R_s vs step).
+Writes benchmarks/results/accuracy_vs_density.json (all 60k images; _<n>img with --train-samples n, _quick
+with --quick) and PNG plots (accuracy vs density, R_s vs step); runs go to results/runs/ under the same name.
 Each gap to dense comes with Welch's two-sided t-test at 5 % over the seeds ("beyond seed noise" or not).
 The full protocol's finished runs (config, summary, metrics log) are committed under
 benchmarks/results/runs/accuracy_vs_density/, so ``--reuse-runs`` continues it from a fresh clone.
