@@ -129,6 +129,12 @@ def bare_step() -> str:
     )
 
 
+def _mean_std(row: dict, column: str, digits: int) -> str:
+    """``mean ± std`` over a table row's seeds; the mean alone for one seed (no spread measured)."""
+    mean = f"{row[column + '_mean']:.{digits}f}"
+    return mean if len(row["seeds"]) < 2 else f"{mean} ± {row[column + '_std']:.{digits}f}"
+
+
 def _accuracy(name: str) -> str:
     data = _load(name)
     if not data:
@@ -161,8 +167,7 @@ def _accuracy(name: str) -> str:
             verdict += f" (t = {r['gap_t']:+.1f}, {r['gap_df']:.1f} df)"
         rows.append(
             f"| {LABELS.get(r['method'], r['method'])} | {r['density']} | {len(r['seeds'])} | "
-            f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f} | {r['gap_to_dense']:+.2f}{se} | {verdict} | "
-            f"{r['itop_rate_mean']:.3f} ± {r['itop_rate_std']:.3f} |"
+            f"{_mean_std(r, 'top1', 2)} | {r['gap_to_dense']:+.2f}{se} | {verdict} | {_mean_std(r, 'itop_rate', 3)} |"
         )
     return intro + "\n\n" + _table(header, rows) + "\n\n" + _machine(data)
 
