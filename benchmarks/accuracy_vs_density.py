@@ -62,6 +62,7 @@ def plot(results: dict, out_prefix: str) -> list[str]:
                 es.append(s)
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=METHOD_LABELS.get(method, method))
     ax.set_xscale("log")
+    ax.minorticks_off()  # the densities alone label the axis
     ax.set_xticks(sorted(results["densities"]))
     ax.set_xticklabels([str(d) for d in sorted(results["densities"])])
     ax.set_xlabel("density (fraction of conv/linear weights kept)")
