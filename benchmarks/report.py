@@ -129,10 +129,10 @@ def bare_step() -> str:
     )
 
 
-def _mean_std(row: dict, column: str, digits: int) -> str:
-    """``mean ± std`` over a table row's seeds; the mean alone for one seed (no spread measured)."""
-    mean = f"{row[column + '_mean']:.{digits}f}"
-    return mean if len(row["seeds"]) < 2 else f"{mean} ± {row[column + '_std']:.{digits}f}"
+def _mean_std(mean: float, std: float, seeds: int, digits: int) -> str:
+    """``mean ± std`` over seeds; the mean alone for one seed (no spread measured)."""
+    text = f"{mean:.{digits}f}"
+    return text if seeds < 2 else f"{text} ± {std:.{digits}f}"
 
 
 def _accuracy(name: str) -> str:
@@ -149,10 +149,12 @@ def _accuracy(name: str) -> str:
     )
     seeds = len(dense["seeds"]) if dense else 0
     minutes = sum(r["wall_time_s"] for r in data["runs"]) / 60
-    if seeds > 1:
-        intro = f"Dense: **{dense['mean']:.2f} ± {dense['std']:.2f}** (R_s 1, {seeds} seeds). "
-    else:
-        intro = f"Dense: **{dense['mean']:.2f}** (R_s 1, 1 seed). " if dense else ""
+    intro = (
+        f"Dense: **{_mean_std(dense['mean'], dense['std'], seeds, 2)}** "
+        f"(R_s 1, {seeds} seed{'s' if seeds > 1 else ''}). "
+        if dense
+        else ""
+    )
     intro += (
         f"Command: `{data['command']}` ({images} training images, {settings['epochs']} epochs, "
         f"ΔT = {settings['update_interval']}, seeds {settings['seeds']}; {minutes / 60:.1f} h of training in all, "
@@ -167,7 +169,8 @@ def _accuracy(name: str) -> str:
             verdict += f" (t = {r['gap_t']:+.1f}, {r['gap_df']:.1f} df)"
         rows.append(
             f"| {LABELS.get(r['method'], r['method'])} | {r['density']} | {len(r['seeds'])} | "
-            f"{_mean_std(r, 'top1', 2)} | {r['gap_to_dense']:+.2f}{se} | {verdict} | {_mean_std(r, 'itop_rate', 3)} |"
+            f"{_mean_std(r['top1_mean'], r['top1_std'], len(r['seeds']), 2)} | {r['gap_to_dense']:+.2f}{se} | "
+            f"{verdict} | {_mean_std(r['itop_rate_mean'], r['itop_rate_std'], len(r['seeds']), 3)} |"
         )
     return intro + "\n\n" + _table(header, rows) + "\n\n" + _machine(data)
 
