@@ -32,8 +32,8 @@ import itop_timm
 
 def sparsifier_state_bytes(sp: itop_timm.Sparsifier) -> int:
     tensors = list(sp.masks.values()) + list(sp.ever_active.values())
-    if sp._grad_ema is not None:
-        tensors += list(sp._grad_ema.values())
+    if sp._state.grad_ema is not None:
+        tensors += list(sp._state.grad_ema.values())
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

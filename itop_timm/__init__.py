@@ -14,11 +14,28 @@ write with timm and Accelerate::
 
 Importing the package also registers sparse optimizers (``rigl_sgd``, ``set_adamw``, ...) with timm's
 ``create_optimizer_v2``.
+
+Where each concept lives (lower layers first; a module imports only from the layers below it):
+
+* settings — ``validation`` (declared options, the one numeric validator), ``registry`` (name ->
+  entry tables), ``config`` (``SparsityConfig``: every setting and its single default), ``schedules``,
+  ``densities`` (which tensors are sparse, per-layer densities), ``masks`` (validating given masks);
+* one layer's update — ``topology`` (``LayerView``, ``LayerPlan``, drop-and-grow of one mask),
+  ``structure`` (``StructureRule``: how a method constrains where weights live);
+* methods — ``methods/`` (one file per method: its score functions, defaults and structure rule);
+  ``structured/dependency/`` (torch-pruning channel groups, the channel units Chase removes);
+* the running sparsifier — ``mask_state`` (masks, union, gradient EMAs), ``masking`` (keeping them
+  applied each step), ``updater`` (a topology update over all layers), ``optimizer_link`` (hooking
+  one optimizer), ``sparsifier`` (``Sparsifier``, incl. ``restrict``), ``factory`` (``sparsify``),
+  ``distributed`` (ranks and shards), ``unwrap`` (DDP / compile / Accelerate wrappers);
+* files — ``serialization`` (safetensors + JSON, atomic), ``checkpoint/`` (format, save, card, load
+  and verification, export, Hub download), ``hub`` (upload); ``structured/`` (RMDA, compaction,
+  condensing) sits above ``checkpoint/``;
+* around a run — ``averaging`` (PSWA/PWALKS), ``timm_optimizers`` (``rigl_sgd``, ...), ``plugins``,
+  ``training/`` (the recipe: options engine, config sections, preflight, loop), ``cli``, ``timm_train``.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-from . import srigl as _srigl  # noqa: F401  (registers the srigl method)
+from . import averaging, methods, structured
 from . import timm_optimizers as _timm_optimizers
 from .checkpoint import SparseState, export_checkpoint, load_sparse, save_sparse
 from .config import SPARSIFY_DEFAULTS, SparsityConfig
@@ -28,20 +45,18 @@ from .densities import (
     register_distribution,
     sparse_parameter_shapes,
 )
+from .factory import sparsify
 from .hub import push_to_hub
-from .methods import LayerView, MethodInfo, get_method, register_method
+from .masking import GRADIENT_MASKED_OPTIMIZERS
+from .methods import MethodInfo, get_method, register_method
 from .plugins import load_plugins
 from .registry import list_distributions, list_methods, list_schedules
 from .schedules import ScheduleInfo, create_schedule, register_schedule
 from .serialization import CheckpointError
-from .sparsifier import GRADIENT_MASKED_OPTIMIZERS, Sparsifier, sparsify
-from .structure import LayerPlan, StructureRule
-from .structured import chase as _chase  # noqa: F401  (registers the chase method)
-
-try:
-    __version__ = version("itop-timm")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-    __version__ = "0.0.0+unknown"
+from .sparsifier import Sparsifier
+from .structure import RuleContext, StructureRule
+from .topology import LayerPlan, LayerView
+from .version import __version__
 
 _timm_optimizers.install()
 
@@ -66,6 +81,10 @@ __all__ = [
     "LayerView",
     "LayerPlan",
     "StructureRule",
+    "RuleContext",
+    "averaging",
+    "methods",
+    "structured",
     "ScheduleInfo",
     "create_schedule",
     "save_sparse",

@@ -26,7 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .sparsifier import Sparsifier, unwrap_model, unwrap_optimizer
+from .sparsifier import Sparsifier
+from .unwrap import unwrap_model, unwrap_optimizer
+from .validation import UNIT_INTERVAL, Range
 
 __all__ = ["PeriodicWeightAveraging", "update_bn", "validate_averaging_options"]
 
@@ -34,20 +36,12 @@ _logger = logging.getLogger(__name__)
 _FORMAT = "itop_timm.averaging.v1"
 
 
-def _check_fraction(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
-        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
-    return float(value)
-
-
 def validate_averaging_options(options: Any) -> None:
     """Check the recipe's ``averaging`` section (``period_epochs``, ``sample_prob``, ``last_fraction``)."""
-    _check_fraction(options.sample_prob, "averaging.sample_prob")
-    _check_fraction(options.last_fraction, "averaging.last_fraction")
-    if not options.period_epochs > 0:
-        raise ValueError(f"averaging.period_epochs must be > 0, got {options.period_epochs!r}")
-    if options.bn_update_batches < 0:
-        raise ValueError(f"averaging.bn_update_batches must be >= 0, got {options.bn_update_batches!r}")
+    UNIT_INTERVAL.check("averaging.sample_prob", options.sample_prob)
+    UNIT_INTERVAL.check("averaging.last_fraction", options.last_fraction)
+    Range(float, 0, low_open=True).check("averaging.period_epochs", options.period_epochs)
+    Range(int, 0).check("averaging.bn_update_batches", options.bn_update_batches)
 
 
 class PeriodicWeightAveraging:
@@ -74,10 +68,9 @@ class PeriodicWeightAveraging:
         sparsifier: Sparsifier | None = None,
         seed: int = 0,
     ) -> None:
-        if isinstance(period_steps, bool) or not isinstance(period_steps, int) or period_steps < 1:
-            raise ValueError(f"period_steps must be an integer >= 1, got {period_steps!r}")
-        self.sample_prob = _check_fraction(sample_prob, "sample_prob")
-        self.last_fraction = _check_fraction(last_fraction, "last_fraction")
+        Range(int, 1).check("period_steps", period_steps)
+        self.sample_prob = UNIT_INTERVAL.check("sample_prob", sample_prob)
+        self.last_fraction = UNIT_INTERVAL.check("last_fraction", last_fraction)
         self.period_steps = period_steps
         self.model = unwrap_model(model)
         self.optimizer = unwrap_optimizer(optimizer)

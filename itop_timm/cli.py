@@ -118,7 +118,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:
-    from .structured.compact import compact_checkpoint
+    from .structured import compact_checkpoint
 
     report = compact_checkpoint(args.checkpoint, args.output, input_size=args.input_size, tol=args.tol)
     print(json.dumps(report, indent=2, default=str))
@@ -209,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> Any:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # `train` and `timm-train` are entry points of their own (their own parsers, their own plugin loading)
     if argv and argv[0] == "train":  # the recipe has its own parser (config keys as options)
         from .training import main as train_main
 
@@ -229,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
     from .serialization import CheckpointError
 
     try:
-        load_plugins()  # installed plugins' methods, distributions and schedules
+        load_plugins()  # installed plugins' methods, distributions and schedules, before any name is read
         return args.func(args)
     except (CheckpointError, ValueError) as err:
         print(f"itop-timm {args.command}: error: {_clean(err)}", file=sys.stderr)

@@ -19,7 +19,9 @@ from fnmatch import fnmatch
 
 from torch import nn
 
+from .config import SPARSIFY_DEFAULTS
 from .registry import DISTRIBUTIONS
+from .validation import UNIT_INTERVAL
 
 __all__ = [
     "validate_density",
@@ -38,12 +40,7 @@ DistributionFn = Callable[[Mapping[str, Shape], float], dict[str, float]]
 
 def validate_density(density: object, what: str = "density") -> float:
     """Return ``density`` as a float, or raise ``ValueError`` unless it is a number in (0, 1]."""
-    if isinstance(density, bool) or not isinstance(density, (int, float)):
-        raise ValueError(f"{what} must be a number in (0, 1], got {density!r}")
-    value = float(density)
-    if not (0.0 < value <= 1.0) or math.isnan(value):
-        raise ValueError(f"{what} must be in (0, 1] (fraction of weights kept), got {density!r}")
-    return value
+    return UNIT_INTERVAL.check(what, density)
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -155,7 +152,7 @@ register_distribution("erk", _erk)
 
 
 def compute_layer_densities(
-    shapes: Mapping[str, Shape], density: float, distribution: str = "erk"
+    shapes: Mapping[str, Shape], density: float, distribution: str
 ) -> dict[str, float]:
     """Per-layer densities for tensors of the given ``shapes`` at overall ``density``.
 
@@ -177,11 +174,12 @@ def compute_layer_densities(
 def layer_densities(
     model: nn.Module,
     density: float,
-    distribution: str = "erk",
+    distribution: str | None = None,
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
 ) -> dict[str, float]:
-    """Per-layer target densities of ``model``'s sparse tensors at overall ``density``.
+    """Per-layer target densities of ``model``'s sparse tensors at overall ``density`` with ``distribution``
+    (``None``: the library's default, :data:`itop_timm.SPARSIFY_DEFAULTS`).
 
     >>> import timm, itop_timm
     >>> d = itop_timm.layer_densities(timm.create_model("resnet18"), 0.1, "erk")
@@ -193,7 +191,7 @@ def layer_densities(
         raise ValueError(
             f"{type(model).__name__} has no sparsifiable tensor (conv/linear weight) to sparsify"
         )
-    return compute_layer_densities(shapes, density, distribution)
+    return compute_layer_densities(shapes, density, distribution or SPARSIFY_DEFAULTS["distribution"])
 
 
 def active_counts(shapes: Mapping[str, Shape], densities: Mapping[str, float]) -> dict[str, int]:

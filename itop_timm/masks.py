@@ -14,12 +14,22 @@ def _listed(names: list[str]) -> str:
     return f"{names[:5]}{'...' if len(names) > 5 else ''}"
 
 
+def _fits(shape: tuple[int, ...], target: tuple[int, ...], broadcast: bool) -> bool:
+    if not broadcast:
+        return shape == target
+    try:
+        return tuple(torch.broadcast_shapes(shape, target)) == target
+    except RuntimeError:
+        return False
+
+
 def validate_masks(
     masks: object,
     shapes: Mapping[str, tuple[int, ...]],
     *,
     what: str = "masks",
     complete: bool = True,
+    broadcast: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Check ``masks`` against the parameters they belong to; return them as bool tensors (same device).
 
@@ -28,6 +38,7 @@ def validate_masks(
         shapes: ``{parameter name: shape}`` of the parameters the masks may name.
         what: how error messages call the masks (``"masks"``, ``"ever_active"``, ...).
         complete: every name in ``shapes`` needs a mask (a sparsifier's state); otherwise a subset is fine.
+        broadcast: a mask may have any shape that broadcasts to its parameter's (e.g. ``[rows, 1, 1, 1]``).
 
     Raises:
         ValueError: naming the first offending mask and what is allowed.
@@ -49,7 +60,7 @@ def validate_masks(
     for name, mask in masks.items():
         if not isinstance(mask, torch.Tensor):
             raise ValueError(f"{what}[{name!r}] must be a tensor, got {type(mask).__name__}")
-        if tuple(mask.shape) != tuple(shapes[name]):
+        if not _fits(tuple(mask.shape), tuple(shapes[name]), broadcast):
             raise ValueError(
                 f"{what}[{name!r}] has shape {tuple(mask.shape)}, but the parameter has shape {tuple(shapes[name])}"
             )

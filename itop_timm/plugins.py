@@ -1,19 +1,23 @@
 """Plugins: code outside itop_timm that registers methods, distributions or schedules, so that the recipe,
 the CLI and timm's train.py can use them by name.
 
-Two ways in, both loaded by :func:`load_plugins` (the recipe does so before its config is resolved,
-the CLI before any command):
+Two ways in, both loaded by :func:`load_plugins`:
 
-* the recipe key ``run.plugins: [my_pkg.methods]`` — modules imported by name;
 * the entry-point group ``itop_timm.plugins`` of an installed package, naming modules, e.g. in its
   ``pyproject.toml``::
 
       [project.entry-points."itop_timm.plugins"]
       my_methods = "my_pkg.methods"
 
+  loaded once by each entry point: the recipe (``recipes/train.py``, ``itop-timm train``), the other
+  ``itop-timm`` commands and the ``timm-train`` launcher, before they read any name;
+* the recipe key ``run.plugins: [my_pkg.methods]``: modules imported by name when the config is
+  resolved (:meth:`itop_timm.training.config.TrainConfig.from_dict`), before its names are checked.
+
 A plugin module registers at import time with :func:`itop_timm.register_method`,
-:func:`itop_timm.register_distribution` or :func:`itop_timm.register_schedule`. Loading is importing,
-so each plugin runs once per process however often it is loaded.
+:func:`itop_timm.register_distribution` or :func:`itop_timm.register_schedule`; a method's timm
+optimizer names (``<method>_sgd``, ...) follow on their own (:mod:`itop_timm.timm_optimizers`).
+Loading is importing, so each plugin runs once per process however often it is loaded.
 """
 
 from __future__ import annotations

@@ -8,11 +8,13 @@ returns a callable ``rate(step) -> float``. ``cosine`` is ITOP's/RigL's default 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .registry import SCHEDULES
+from .validation import UNIT_INTERVAL, Range
 
 __all__ = [
     "PruneRateSchedule",
@@ -25,32 +27,27 @@ __all__ = [
 PruneRateSchedule = Callable[[int], float]
 
 
+def cosine_curve(initial: float, final: float, t: int, total_steps: int) -> float:
+    """Cosine decay from ``initial`` at step 0 to ``final`` at ``total_steps``."""
+    return final + (initial - final) * (1.0 + math.cos(math.pi * t / total_steps)) / 2.0
+
+
+def linear_curve(initial: float, final: float, t: int, total_steps: int) -> float:
+    """Linear decay from ``initial`` at step 0 to ``final`` at ``total_steps``."""
+    return initial + (final - initial) * t / total_steps
+
+
 @dataclass(frozen=True)
-class CosineSchedule:
-    """Cosine decay from ``initial`` at step 0 to ``final`` at ``total_steps`` (held after)."""
+class DecaySchedule:
+    """``curve(initial, final, t, total_steps)`` at ``t = step`` clamped to ``[0, total_steps]`` (held after)."""
 
     initial: float
     final: float
     total_steps: int
+    curve: Callable[[float, float, int, int], float]
 
     def __call__(self, step: int) -> float:
-        t = min(max(step, 0), self.total_steps)
-        return (
-            self.final + (self.initial - self.final) * (1.0 + math.cos(math.pi * t / self.total_steps)) / 2.0
-        )
-
-
-@dataclass(frozen=True)
-class LinearSchedule:
-    """Linear decay from ``initial`` at step 0 to ``final`` at ``total_steps`` (held after)."""
-
-    initial: float
-    final: float
-    total_steps: int
-
-    def __call__(self, step: int) -> float:
-        t = min(max(step, 0), self.total_steps)
-        return self.initial + (self.final - self.initial) * t / self.total_steps
+        return self.curve(self.initial, self.final, min(max(step, 0), self.total_steps), self.total_steps)
 
 
 @dataclass(frozen=True)
@@ -78,8 +75,19 @@ def register_schedule(info: ScheduleInfo, *, overwrite: bool = False) -> Schedul
     return SCHEDULES.register(info.name, info, overwrite=overwrite)
 
 
-register_schedule(ScheduleInfo("cosine", CosineSchedule, True, "cosine decay to the final rate (ITOP, RigL)"))
-register_schedule(ScheduleInfo("linear", LinearSchedule, True, "linear decay to the final rate"))
+register_schedule(
+    ScheduleInfo(
+        "cosine",
+        functools.partial(DecaySchedule, curve=cosine_curve),
+        True,
+        "cosine decay to the final rate (ITOP, RigL)",
+    )
+)
+register_schedule(
+    ScheduleInfo(
+        "linear", functools.partial(DecaySchedule, curve=linear_curve), True, "linear decay to the final rate"
+    )
+)
 register_schedule(
     ScheduleInfo(
         "constant", lambda initial, final, total_steps: ConstantSchedule(initial), False, "fixed rate"
@@ -93,19 +101,23 @@ def schedule_needs_total_steps(name: str) -> bool:
 
 
 def create_schedule(
-    name: str, initial: float, final: float = 0.005, total_steps: int | None = None
+    name: str, initial: float, final: float | None = None, total_steps: int | None = None
 ) -> PruneRateSchedule:
-    """Build the registered schedule ``name``; ``ValueError`` on unknown names or bad arguments."""
+    """Build the registered schedule ``name`` from ``initial`` to ``final`` over ``total_steps`` (a decaying
+    schedule needs both; a constant one ignores them); ``ValueError`` on unknown names or bad arguments."""
     info = SCHEDULES.get(name)
-    if isinstance(initial, bool) or not isinstance(initial, (int, float)) or not (0.0 < initial <= 1.0):
-        raise ValueError(f"prune_rate must be in (0, 1], got {initial!r}")
-    if isinstance(final, bool) or not isinstance(final, (int, float)) or not (0.0 <= final <= initial):
-        raise ValueError(f"final prune rate must be in [0, prune_rate={initial}], got {final!r}")
+    initial = UNIT_INTERVAL.check("prune_rate", initial)
     if info.needs_total_steps:
-        if total_steps is None:
-            raise ValueError(
-                f"prune_schedule={name!r} decays over training: pass total_steps (number of optimizer steps)"
-            )
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
-    return info.factory(float(initial), float(final), total_steps)
+        for what, value in (("final_prune_rate", final), ("total_steps", total_steps)):
+            if value is None:
+                raise ValueError(
+                    f"prune_schedule={name!r} decays over training: pass {what}"
+                    + (" (number of optimizer steps)" if what == "total_steps" else "")
+                )
+        Range(int, 1).check("total_steps", total_steps)
+    final = (
+        initial
+        if final is None
+        else Range(float, 0, initial).check("final prune rate (<= prune_rate)", final)
+    )
+    return info.factory(initial, final, total_steps)

@@ -17,10 +17,12 @@ they go through ``--opt-kwargs density=0.1 total_steps=...``. The sparsifier's s
 ``optimizer.state_dict()``, so timm's checkpoints resume masks, R_s and RNG.
 
 timm resolves an optimizer name by its last ``_``-separated part (``"rigl_sgd"`` would silently
-become plain ``"sgd"``) and hands the optimizer class parameters, never the model. So besides adding
-``OptimInfo`` entries (for ``list_optimizers``), this module wraps ``create_optimizer`` of timm's
-``default_registry`` once: names whose prefix is a registered method are built here; every other
-name goes to timm unchanged.
+become plain ``"sgd"``) and hands the optimizer class parameters, never the model. So :func:`install`
+wraps ``create_optimizer`` of timm's ``default_registry`` once: names whose prefix is a registered
+method (the longest one: ``noisy_rigl_sgd`` is ``noisy_rigl`` on ``sgd``) are built here; every other
+name goes to timm unchanged. It also lists ``<method>_<base>`` for the bases in :data:`LISTED_BASES`
+(``list_optimizers``, ``get_optimizer_info``), lazily: a method registered after ``import itop_timm``
+(by a plugin, or :func:`itop_timm.register_method`) is listed from the next look-up on.
 """
 
 from __future__ import annotations
@@ -49,13 +51,17 @@ LISTED_BASES = ("sgd", "momentum", "adamw", "lamb", "lion")
 
 
 def parse_sparse_optimizer_name(opt: str) -> tuple[str, str] | None:
-    """``"rigl_sgd" -> ("rigl", "sgd")``; ``None`` when the prefix is not a registered method."""
+    """``"rigl_sgd" -> ("rigl", "sgd")``: the longest registered method name followed by ``_`` and a
+    base name (``"noisy_rigl_sgd" -> ("noisy_rigl", "sgd")`` once ``noisy_rigl`` is registered);
+    ``None`` when no registered method prefixes ``opt``."""
     if not isinstance(opt, str):
         return None
-    method, sep, base = opt.lower().partition("_")
-    if not sep or not base or method not in METHODS:
+    name = opt.lower()
+    methods = [m for m in METHODS.names() if name.startswith(f"{m}_") and len(name) > len(m) + 1]
+    if not methods:
         return None
-    return method, base
+    method = max(methods, key=len)
+    return method, name[len(method) + 1 :]
 
 
 def _timm_create_optimizer() -> Callable[..., torch.optim.Optimizer]:
@@ -111,9 +117,64 @@ class _SparseOptimizerFactory:
         return create_sparse_optimizer(model, self.name, **kwargs)
 
 
+def _unwrapped(method: Callable[..., Any]) -> Callable[..., Any]:
+    return getattr(method, "__wrapped__", method)
+
+
+def _route_create_optimizer(registry: Any) -> None:
+    """``registry.create_optimizer`` builds sparse optimizer names here, every other name as before."""
+    original = registry.create_optimizer
+
+    @functools.wraps(original)
+    def create_optimizer(model_or_params: Any, opt: str, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        if parse_sparse_optimizer_name(opt) is None:
+            return original(model_or_params, opt, *args, **kwargs)
+        return create_sparse_optimizer(model_or_params, opt, *args, create_dense=original, **kwargs)
+
+    registry.create_optimizer = create_optimizer
+
+
+def _list_lazily(registry: Any, attr: str) -> None:
+    """``registry.<attr>`` lists the sparse names of every method registered by then, first."""
+    original = getattr(registry, attr)
+
+    @functools.wraps(original)
+    def listing(*args: Any, **kwargs: Any) -> Any:
+        _register_sparse_names(registry)
+        return original(*args, **kwargs)
+
+    setattr(registry, attr, listing)
+
+
+def _register_sparse_names(registry: Any) -> None:
+    """``OptimInfo`` entries for ``<method>_<base>`` of every registered method not yet listed."""
+    from timm.optim._optim_factory import OptimInfo
+
+    listed = set(_unwrapped(registry.list_optimizers)())
+    info_of = _unwrapped(registry.get_optimizer_info)
+    for method in METHODS.names():
+        for base in LISTED_BASES:
+            name = f"{method}_{base}"
+            if name in listed:
+                continue
+            base_info = info_of(base)
+            registry.register(
+                OptimInfo(
+                    name=name,
+                    opt_class=_SparseOptimizerFactory(name),
+                    description=f"itop_timm {method} sparse training on timm '{base}'",
+                    has_eps=base_info.has_eps,
+                    has_momentum=base_info.has_momentum,
+                    has_betas=base_info.has_betas,
+                    num_betas=base_info.num_betas,
+                )
+            )
+
+
 def install() -> None:
-    """Register the sparse optimizer names with timm and route them to :func:`create_sparse_optimizer`
-    (idempotent; called on ``import itop_timm``)."""
+    """Register RMDA / ProxSGD and the sparse optimizer names with timm and route those names to
+    :func:`create_sparse_optimizer` (idempotent; called on ``import itop_timm``). Methods registered
+    later get their names at timm's next ``list_optimizers`` / ``get_optimizer_info``."""
     try:
         from timm.optim import _optim_factory
         from timm.optim._optim_factory import OptimInfo
@@ -121,20 +182,12 @@ def install() -> None:
         _logger.warning("timm's optimizer registry not found; sparse optimizer names are unavailable")
         return
     registry = _optim_factory.default_registry
-    original = registry.create_optimizer
-    if not getattr(original, "_itop_timm", False):
-
-        @functools.wraps(original)
-        def create_optimizer(
-            model_or_params: Any, opt: str, *args: Any, **kwargs: Any
-        ) -> torch.optim.Optimizer:
-            if parse_sparse_optimizer_name(opt) is None:
-                return original(model_or_params, opt, *args, **kwargs)
-            return create_sparse_optimizer(model_or_params, opt, *args, create_dense=original, **kwargs)
-
-        create_optimizer._itop_timm = True  # type: ignore[attr-defined]
-        registry.create_optimizer = create_optimizer
-    listed = set(registry.list_optimizers())
+    if not getattr(registry.create_optimizer, "_itop_timm", False):
+        _route_create_optimizer(registry)
+        _list_lazily(registry, "list_optimizers")
+        _list_lazily(registry, "get_optimizer_info")
+        registry.create_optimizer._itop_timm = True  # type: ignore[attr-defined]
+    listed = set(_unwrapped(registry.list_optimizers)())
     from .structured.rmda import RMDA, ProxSGD
 
     for name, cls, description in (
@@ -145,19 +198,4 @@ def install() -> None:
             registry.register(
                 OptimInfo(name=name, opt_class=cls, description=description, has_eps=False, has_momentum=True)
             )
-    for method in METHODS.names():
-        for base in LISTED_BASES:
-            name = f"{method}_{base}"
-            if name not in listed:
-                base_info = registry.get_optimizer_info(base)
-                registry.register(
-                    OptimInfo(
-                        name=name,
-                        opt_class=_SparseOptimizerFactory(name),
-                        description=f"itop_timm {method} sparse training on timm '{base}'",
-                        has_eps=base_info.has_eps,
-                        has_momentum=base_info.has_momentum,
-                        has_betas=base_info.has_betas,
-                        num_betas=base_info.num_betas,
-                    )
-                )
+    _register_sparse_names(registry)

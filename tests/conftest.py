@@ -20,3 +20,12 @@ import torch  # noqa: E402
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory):
+    """A saved sparse checkpoint (dense and compact storage), its files and the reference state
+    (see ``helpers.save_reference_checkpoints``)."""
+    from helpers import save_reference_checkpoints
+
+    return save_reference_checkpoints(tmp_path_factory.mktemp("saved"))

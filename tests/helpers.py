@@ -139,3 +139,73 @@ def write_folder(path, files: dict[str, bytes]):
     for name, data in files.items():
         (path / name).write_bytes(data)
     return path
+
+
+# --------------------------------------------------------------------------- sparse checkpoints
+def train_sparse(
+    name: str = "test_resnet",
+    density: float = 0.2,
+    *,
+    method: str = "rigl",
+    seed: int = 0,
+    size: int = 32,
+    **model_kwargs,
+):
+    """A timm model (10 classes) sparsified with ``method`` and trained 3 steps on random
+    ``size`` x ``size`` images: ``(model in eval mode, sparsifier)``."""
+    import timm
+
+    import itop_timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **model_kwargs)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = itop_timm.sparsify(
+        model, opt, method=method, density=density, update_interval=2, total_steps=100, seed=seed
+    )
+    train_steps(model, opt, 3, input_size=(3, size, size))
+    return model.eval(), sp
+
+
+def save_reference_checkpoints(root) -> dict:
+    """A sparse ``test_resnet`` (density 0.2) saved under ``root`` dense (with a Hub data set id) and
+    compact, plus another seed's checkpoint: ``{"files", "compact_files"}`` (name -> bytes), its
+    ``"state"`` and ``"masks"``, and the ``"other"`` folder."""
+    from itop_timm.checkpoint import save_sparse
+
+    model, sp = train_sparse()
+    dense = save_sparse(model, sp, root / "dense", dataset="zalando-datasets/fashion_mnist")
+    compact = save_sparse(model, sp, root / "compact", compact=True)
+    other_model, other_sp = train_sparse(seed=1)
+    return {
+        "files": {p.name: p.read_bytes() for p in dense.iterdir()},
+        "compact_files": {p.name: p.read_bytes() for p in compact.iterdir()},
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "masks": {k: v.clone() for k, v in sp.masks.items()},
+        "other": save_sparse(other_model, other_sp, root / "other"),
+    }
+
+
+def checkpoint_metadata(files: dict) -> dict:
+    """The JSON metadata in a checkpoint's ``sparsity.safetensors`` (``files``: name -> bytes)."""
+    import json
+
+    return json.loads(safetensors_metadata(files["sparsity.safetensors"])["itop_timm"])
+
+
+def load_is_identical(folder, ref: dict) -> bool:
+    """Load ``folder``: ``True`` if it is exactly the reference model and masks (``ref`` as made by
+    :func:`save_reference_checkpoints`), ``False`` for a ``CheckpointError`` naming a file of the
+    folder; anything else fails the test."""
+    from itop_timm.checkpoint import load_sparse
+    from itop_timm.serialization import CheckpointError
+
+    try:
+        model, masks, _ = load_sparse(folder)
+    except CheckpointError as err:
+        assert str(folder) in str(err), str(err)
+        return False
+    state = model.state_dict()
+    assert set(state) == set(ref["state"]) and all(torch.equal(state[k], ref["state"][k]) for k in state)
+    assert set(masks) == set(ref["masks"]) and all(torch.equal(masks[n], ref["masks"][n]) for n in masks)
+    return True

@@ -11,7 +11,8 @@ import torch_pruning as tp
 from torch import nn
 
 from itop_timm.checkpoint import SparseState, load_sparse, save_sparse
-from itop_timm.structured.compact import HISTORY_ATTR, compact, compact_checkpoint, rebuild_compacted
+from itop_timm.structured import compact, compact_checkpoint, rebuild_compacted
+from itop_timm.structured.compact import HISTORY_ATTR
 from itop_timm.structured.dependency import ChannelGroup, coupled_channel_groups
 from itop_timm.structured.importance import MaskImportance
 

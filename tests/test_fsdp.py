@@ -111,6 +111,10 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         results = {method: train(shard(tiny_vit()), method) for method in METHODS}
         results["save"] = save_and_reload(out_dir)
+        _, sp = set_run(shard(tiny_vit()))
+        if rank == 0:  # printed on one rank only: must not wait for a collective the other never joins
+            results["printed"] = {"repr": repr(sp), "density": sp.density, "itop_rate": sp.itop_rate}
+        dist.barrier()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -140,6 +144,13 @@ def test_sharded_run_equals_single_process(sharded_runs, method):
         assert run["weights"].keys() == single["weights"].keys()
         for name, w in single["weights"].items():
             torch.testing.assert_close(run["weights"][name], w, atol=1e-5, rtol=0, msg=name)
+
+
+def test_printing_a_sharded_sparsifier_on_one_rank_runs_no_collective(sharded_runs):
+    printed = sharded_runs[1][0]["printed"]
+    single = set_run(tiny_vit())[1]
+    assert printed["density"] == single.density and printed["itop_rate"] == single.itop_rate
+    assert printed["repr"] == repr(single)
 
 
 def test_sharded_save_sparse_writes_todays_folder(sharded_runs, tmp_path):

@@ -1,5 +1,6 @@
 """Plugins: a third-party method registered by a module named in ``run.plugins`` or by an installed
-package's ``itop_timm.plugins`` entry point reaches the recipe's config, its defaults included, and the CLI."""
+package's ``itop_timm.plugins`` entry point reaches the recipe's config, its defaults included, the
+recipe's command line and timm's optimizer names (the ``itop-timm`` commands: ``test_cli.py``)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm.optim
+import torch
 from helpers import write_plugin
 
 import itop_timm
+from itop_timm import MethodInfo, register_method
+from itop_timm.methods import magnitude_score, random_score
 from itop_timm.plugins import load_plugins
 from itop_timm.registry import METHODS
+from itop_timm.timm_optimizers import parse_sparse_optimizer_name
 from itop_timm.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "train.py"
 
 
 def write_entry_point_package(site: Path, module: str, method: str) -> None:
@@ -75,15 +82,61 @@ def test_installed_entry_point_plugin_is_loaded(tmp_path, monkeypatch, unregiste
     assert cfg.sparsity.for_run(total_steps=10, seed=0).update_interval == 7
 
 
-def test_cli_lists_an_installed_plugins_method(tmp_path):
-    write_entry_point_package(tmp_path, "itop_test_plugin_cli", "cli_plugin_method")
+def test_the_recipe_entry_loads_installed_plugins(tmp_path):
+    write_entry_point_package(tmp_path, "itop_test_plugin_recipe", "recipe_ep_method")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
     out = subprocess.run(
-        [sys.executable, "-m", "itop_timm.cli", "methods"],
+        [sys.executable, str(RECIPE), "--print-config", "--sparsity.method", "recipe_ep_method"],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert out.returncode == 0, out.stderr
-    assert "cli_plugin_method" in out.stdout and "a test plugin's method" in out.stdout
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "method: recipe_ep_method" in out.stdout
+
+
+def small_model() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+
+def test_a_method_registered_after_import_gets_its_timm_optimizer_names(tmp_path, monkeypatch, unregister):
+    # bug: the names were made once, on `import itop_timm`, before any plugin had registered its method
+    write_plugin(tmp_path, "itop_test_plugin_late", "late7")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    unregister.append("late7")
+    assert not timm.optim.list_optimizers("late7_*")
+    load_plugins(["itop_test_plugin_late"], installed=False)
+    assert timm.optim.list_optimizers("late7_*") == [
+        "late7_adamw",
+        "late7_lamb",
+        "late7_lion",
+        "late7_momentum",
+        "late7_sgd",
+    ]
+    assert timm.optim.get_optimizer_info("late7_adamw").has_betas
+    optimizer = timm.optim.create_optimizer_v2(
+        small_model(), "late7_sgd", lr=0.1, density=0.5, total_steps=10
+    )
+    assert optimizer.sparsifier.config.method == "late7" and optimizer.sparsifier.config.update_interval == 7
+    unregister.append("late_direct")  # and a method registered in code, not by a plugin
+    register_method(MethodInfo("late_direct", magnitude_score, random_score, "registered after import"))
+    assert "late_direct_lamb" in timm.optim.list_optimizers()
+
+
+def test_a_sparse_optimizer_name_takes_the_longest_registered_method(unregister):
+    # bug: `noisy_rigl_sgd` was split at its first `_` and fell through to timm's SGD ("unexpected
+    # keyword argument 'density'")
+    unregister.append("noisy_rigl")
+    register_method(MethodInfo("noisy_rigl", magnitude_score, random_score, "a method with a '_'"))
+    assert parse_sparse_optimizer_name("noisy_rigl_sgd") == ("noisy_rigl", "sgd")
+    optimizer = timm.optim.create_optimizer_v2(
+        small_model(), "noisy_rigl_sgd", lr=0.1, density=0.5, total_steps=10
+    )
+    assert type(optimizer).__name__ == "SGD" and optimizer.sparsifier.config.method == "noisy_rigl"
+    unregister.append("noisy")  # a shorter method that is also a prefix: the longer name wins
+    register_method(MethodInfo("noisy", magnitude_score, random_score, "a prefix of noisy_rigl"))
+    assert parse_sparse_optimizer_name("noisy_rigl_adamw") == ("noisy_rigl", "adamw")
+    assert parse_sparse_optimizer_name("noisy_adamw") == ("noisy", "adamw")
+    assert parse_sparse_optimizer_name("rigl_sgd") == ("rigl", "sgd")
+    assert parse_sparse_optimizer_name("noisy_") is None and parse_sparse_optimizer_name("sgd") is None

@@ -380,6 +380,42 @@ def test_bad_config_keys_list_the_valid_ones(tmp_path):
     assert result.returncode == 2 and "unknown config key 'sparsity.densty'" in result.stderr
 
 
+def test_mapping_options_take_sub_keys_merged_into_the_file(tmp_path):
+    config = tmp_path / "chase.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "sparsity": {
+                    "method": "chase",
+                    "method_options": {"channel_sparsity": 0.5, "removal_interval": 2},
+                },
+                "model": {"kwargs": {"drop_rate": 0.1}},
+            }
+        )
+    )
+    cfg = load_config(
+        config, ["--sparsity.method_options.channel_sparsity", "0.3", "--model.kwargs.drop_path_rate=0.05"]
+    )
+    assert cfg.sparsity.method_options == {"channel_sparsity": 0.3, "removal_interval": 2}
+    assert cfg.model.kwargs == {"drop_rate": 0.1, "drop_path_rate": 0.05}
+    # the whole mapping still replaces the file's; later overrides win, sub-keys merge into earlier ones
+    cfg = load_config(
+        config, ["--model.kwargs.a.b", "1", "--model.kwargs", "{c: 2}", "--model.kwargs.a.d", "3"]
+    )
+    assert cfg.model.kwargs == {"c": 2, "a": {"d": 3}}
+    assert load_config(
+        None, ["--sparsity.method", "srigl", "--sparsity.method_options.gamma_sal", "0.3"]
+    ).sparsity.method_options == {"gamma_sal": 0.3}  # into the default (no mapping yet)
+    with pytest.raises(ValueError, match=r"--sparsity.density.x: sparsity.density is FLOAT, not a mapping"):
+        load_config(config, ["--sparsity.density.x", "1"])
+    with pytest.raises(ValueError, match=r"unknown config key 'sparsity.method_optionz.a' \(did you mean"):
+        load_config(config, ["--sparsity.method_optionz.a", "1"])
+    with pytest.raises(ValueError, match=r"method 'chase' does not take option\(s\) \['nope'\]"):
+        load_config(config, ["--sparsity.method_options.nope", "1"])
+    with pytest.raises(ValueError, match="model.kwargs.drop_rate is 0.1, not a mapping"):
+        load_config(config, ["--model.kwargs.drop_rate.x", "1"])
+
+
 @pytest.mark.parametrize(
     "text,message",
     [
@@ -521,31 +557,6 @@ def test_tensorboard_tracker_writes_events(tiny_data, tmp_path):
     assert events and events[0].stat().st_size > 0
 
 
-def test_itop_timm_cli_train_and_methods(tiny_data, tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "run", train={"epochs": 1})))
-    cmd = [sys.executable, "-m", "itop_timm.cli"]
-    result = subprocess.run(
-        [*cmd, "train", "--config", str(config)],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1])["total_steps"] == 6
-    listing = subprocess.run(
-        [*cmd, "methods"], env=subprocess_env(), capture_output=True, text=True, timeout=300
-    )
-    assert listing.returncode == 0 and "rigl" in listing.stdout and "erk" in listing.stdout
-    assert (
-        subprocess.run(
-            [*cmd, "--help"], env=subprocess_env(), capture_output=True, text=True, timeout=300
-        ).returncode
-        == 0
-    )
-
-
 def test_model_arguments_and_sparse_patterns_are_checked_first(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, tmp_path / "run", model={"kwargs": {"no_such_argument": 3}})
     with pytest.raises(ValueError, match="timm cannot build 'test_resnet'"):
@@ -559,8 +570,15 @@ def test_model_arguments_and_sparse_patterns_are_checked_first(tiny_data, tmp_pa
 
 
 # ------------------------------------------------------------------- structured DST (chase)
-def test_recipe_trains_chase_from_cli_options_and_writes_the_compacted_model(tiny_data, tmp_path):
+def test_recipe_trains_chase_from_cli_options_and_writes_the_compacted_model(
+    tiny_data, tmp_path, monkeypatch
+):
+    import itop_timm.methods.chase as chase
     from itop_timm.training.config import parse_overrides
+
+    traces = []
+    real = chase.removable_units
+    monkeypatch.setattr(chase, "removable_units", lambda *a, **k: traces.append(1) or real(*a, **k))
 
     overrides = parse_overrides(
         [
@@ -572,6 +590,9 @@ def test_recipe_trains_chase_from_cli_options_and_writes_the_compacted_model(tin
     )
     cfg = tiny_config(tiny_data, tmp_path / "run", sparsity=overrides["sparsity"])
     summary = run_config(cfg)
+    assert len(traces) == 1  # preflight's architecture check traced the model; the run reused it
+    removals = records(tmp_path / "run", "restrict")  # channel removals reach the update hooks
+    assert removals and all(r["removed"] > 0 for r in removals)
     assert summary["compacted"]["channels_removed_total"] > 0 and summary["compacted"]["params_ratio"] < 1
     assert summary["compacted"]["max_abs_output_change"] < 1e-4
     sparse, _, meta = load_sparse(tmp_path / "run" / "model")

@@ -143,7 +143,7 @@ def test_snfs_grows_by_gradient_ema():
     before = sp.masks["fc.weight"].clone()
     w = model.fc.weight.detach().clone()
     opt.step()  # third step: EMA update, then the topology update uses it
-    assert torch.allclose(sp._grad_ema["fc.weight"], ema, atol=1e-6)
+    assert torch.allclose(sp._state.grad_ema["fc.weight"], ema, atol=1e-6)
     k = math.ceil(0.5 * int(before.sum()))
     mag = torch.where(before, w.abs(), torch.tensor(math.inf)).flatten()
     after_drop = before.flatten().clone()
@@ -627,3 +627,187 @@ def test_update_hooks_observe_every_topology_update_until_removed():
     handle.remove()
     train_steps(model, opt, 2, input_size=(3, 8, 8), seed=1)
     assert len(seen) == 3 and len(order) == 4  # the removed hook is silent, the other still called
+
+
+# --------------------------------------------------------------- one source of truth for settings
+def test_sparsify_takes_a_config_or_its_fields_and_nothing_else():
+    config = itop_timm.SparsityConfig(method="set", density=0.3, total_steps=10, seed=4)
+    a, b = tiny_cnn(), tiny_cnn()
+    by_config = sparsify(a, sgd(a), config)
+    by_fields = sparsify(b, sgd(b), method="set", density=0.3, total_steps=10, seed=4)
+    assert all(torch.equal(by_config.masks[n], m) for n, m in by_fields.masks.items())
+    assert by_config.config == by_fields.config
+    c = tiny_cnn()
+    before = snapshot(c)
+    with pytest.raises(
+        ValueError, match=r"give either config or settings, not both \(got config and \['seed'\]\)"
+    ):
+        sparsify(c, sgd(c), config, seed=1)
+    with pytest.raises(ValueError, match=r"a method name is given as method='set'"):
+        sparsify(c, sgd(c), "set", density=0.3, total_steps=10)
+    with pytest.raises(ValueError, match=r"unknown sparsity setting\(s\) \['densty'\]"):
+        sparsify(c, sgd(c), densty=0.3)
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(c).items())
+
+
+def test_library_defaults_are_written_only_on_the_config_fields():
+    import inspect
+
+    from itop_timm.densities import compute_layer_densities
+
+    settings = {f.name for f in __import__("dataclasses").fields(itop_timm.SparsityConfig)}
+    assert not settings & set(inspect.signature(sparsify).parameters)  # taken as **settings only
+    assert (
+        inspect.signature(compute_layer_densities).parameters["distribution"].default
+        is inspect.Parameter.empty
+    )
+    assert inspect.signature(create_schedule).parameters["final"].default is None  # none of its own
+    resolved = itop_timm.SparsityConfig.resolve(total_steps=10)
+    assert (resolved.method, resolved.density) == ("rigl", 0.1)
+    assert resolved.distribution == itop_timm.SPARSIFY_DEFAULTS["distribution"] == "erk"
+    with pytest.raises(ValueError, match="decays over training: pass final_prune_rate"):
+        create_schedule("cosine", 0.5, None, 100)
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"update_interval": True}, r"update_interval must be an integer >= 1 \(optimizer steps\), got True"),
+        ({"density": float("nan")}, r"density must be in \(0, 1\], got nan"),
+        ({"seed": 1.5}, r"seed must be an integer, got 1.5"),
+        ({"final_prune_rate": -0.1}, r"final_prune_rate must be in \[0, 1\], got -0.1"),
+        ({"include": [3]}, r"include must be fnmatch patterns \(strings\), got \[3\]"),
+        ({"method_options": ["a"]}, r"method_options must be a mapping of option names, got \['a'\]"),
+    ],
+)
+def test_every_setting_is_checked_by_its_declaration(settings, message):
+    with pytest.raises(ValueError, match=message):
+        itop_timm.SparsityConfig(**settings)
+
+
+def test_range_describes_what_it_allows():
+    from itop_timm.validation import Range
+
+    assert Range(int, 1).describe() == "an integer >= 1"
+    assert Range(int, 0).describe() == "a non-negative integer"
+    assert Range(float, 0, 1, low_open=True).describe() == "in (0, 1]"
+    assert Range(float, 0, low_open=True, optional=True).describe() == "> 0 or null"
+    assert Range(float, 0, 1).check("x", 1) == 1.0 and isinstance(Range(float, 0, 1).check("x", 1), float)
+    for bad in (True, float("nan"), "0.5", 2):
+        assert not Range(float, 0, 1).contains(bad)
+
+
+# --------------------------------------------------------------- registration
+def test_method_defaults_are_checked_when_the_method_is_registered():
+    from itop_timm.methods.scores import magnitude_score
+
+    with pytest.raises(
+        ValueError, match=r"unknown default\(s\) \['update_intervall'\]; allowed: \[.*'update_interval'"
+    ):
+        MethodInfo("misspelt", magnitude_score, magnitude_score, defaults={"update_intervall": 5})
+    with pytest.raises(ValueError, match=r"method 'zero': default update_interval must be an integer >= 1"):
+        MethodInfo("zero", magnitude_score, magnitude_score, defaults={"update_interval": 0})
+    assert "misspelt" not in METHODS and "zero" not in METHODS
+
+
+def test_importing_the_package_exposes_its_documented_submodules():
+    import subprocess
+    import sys
+
+    code = (
+        "import itop_timm; itop_timm.averaging.PeriodicWeightAveraging; itop_timm.structured.RMDA; "
+        "itop_timm.methods.chase.ChaseRule; itop_timm.structured.compact"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------- restrict: the narrow way to change masks
+def test_restrict_takes_weights_away_and_tells_the_update_hooks():
+    model = tiny_cnn()
+    opt = sgd(model)
+    sp = sparsify(model, opt, method="set", density=0.5, total_steps=10)
+    name = next(iter(sp.masks))
+    rows = torch.ones(sp.masks[name].shape[0], *[1] * (sp.masks[name].dim() - 1), dtype=torch.bool)
+    rows[:2] = False
+    seen = []
+    sp.register_update_hook(lambda s, stats: seen.append(stats))
+    union_before = {n: u.clone() for n, u in sp.ever_active.items()}
+    active_before = int(sp.masks[name].sum())
+    stats = sp.restrict({name: rows})
+    assert not sp.masks[name][:2].any() and int(sp.masks[name].sum()) == active_before - stats["removed"]
+    assert not dict(model.named_parameters())[name][:2].any()  # the weights went with the mask
+    assert seen == [stats] and stats["event"] == "restrict" and stats["density"] == sp.density
+    assert all(torch.equal(sp.ever_active[n], u) for n, u in union_before.items())
+    masks_before = {n: m.clone() for n, m in sp.masks.items()}
+    for bad, message in (
+        ({"nope.weight": rows}, r"allowed \['nope.weight'\] name no parameter"),
+        ({name: torch.full(rows.shape, 0.5)}, r"must be bool or hold only 0/1"),
+        ({name: torch.ones(3, 3, 3, 3, 3, dtype=torch.bool)}, r"has shape"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            sp.restrict(bad)
+    assert all(torch.equal(sp.masks[n], m) for n, m in masks_before.items()) and len(seen) == 1
+
+
+# --------------------------------------------------------------- API misuse, layers without a gradient
+def test_second_sparsify_on_the_same_optimizer_is_refused():
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sp = itop_timm.sparsify(model, opt, density=0.2, total_steps=10)
+    masks = {n: m.clone() for n, m in sp.masks.items()}
+    with pytest.raises(ValueError, match="already sparsified.*call its .remove"):
+        itop_timm.sparsify(model, opt, density=0.5, total_steps=10)
+    train_steps(model, opt, 2, input_size=(3, 32, 32))
+    assert all(torch.equal(sp.masks[n], masks[n]) for n in masks)  # one hook, untouched masks
+    assert sp.density == pytest.approx(0.2, abs=1e-3)
+    sp.remove()  # the legitimate neighbour: replace the sparsifier after removing the first
+    sp2 = itop_timm.sparsify(model, opt, density=0.5, total_steps=10)
+    train_steps(model, opt, 2, input_size=(3, 32, 32))
+    assert sp2.density == pytest.approx(0.5, abs=1e-3)
+    params = dict(model.named_parameters())
+    assert all(not params[n][~m].any() for n, m in sp2.masks.items())  # the second masks hold
+    assert any(params[n][~masks[n]].any() for n in masks)  # and the removed first hook no longer masks
+    other = torch.optim.SGD(model.parameters(), lr=0.05)  # a new optimizer (e.g. fine-tuning) is fine
+    sp2.remove()
+    itop_timm.sparsify(model, other, density=0.3, total_steps=10)
+
+
+def grad_less_setup(method: str):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = itop_timm.sparsify(
+        model,
+        opt,
+        method=method,
+        density=0.5,
+        distribution="uniform",
+        update_interval=1000,
+        total_steps=10**4,
+    )
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    return model, sp
+
+
+@pytest.mark.parametrize("method", ["rigl", "snfs"])
+def test_gradient_grown_update_skips_layers_without_gradient(method, caplog):
+    model, sp = grad_less_setup(method)
+    model[0].weight.grad = None  # unused in the forward pass / frozen / zero_grad(set_to_none=True)
+    before = {n: m.clone() for n, m in sp.masks.items()}
+    update = sp.update_topology()
+    assert update["no_grad_layers"] == ["0.weight"] and "0.weight" not in update["layers"]
+    assert torch.equal(sp.masks["0.weight"], before["0.weight"])  # not pruned, not regrown by tie-breaking
+    assert not torch.equal(sp.masks["2.weight"], before["2.weight"])  # the layer with a gradient is updated
+    assert "have no gradient" in caplog.text
+
+
+def test_random_grown_update_still_changes_layers_without_gradient():
+    model, sp = grad_less_setup("set")  # SET grows at random: no gradient needed
+    model[0].weight.grad = None
+    before = sp.masks["0.weight"].clone()
+    update = sp.update_topology()
+    assert "no_grad_layers" not in update and not torch.equal(sp.masks["0.weight"], before)

@@ -12,9 +12,9 @@ from helpers import train_steps
 from torch import nn
 
 import itop_timm
-from itop_timm.structure import LayerPlan, next_layer_mask
 from itop_timm.structured import CondensedLinear, compact, condense
-from itop_timm.structured.chase import removable_units
+from itop_timm.structured.dependency import removable_units
+from itop_timm.topology import LayerPlan, next_layer_mask
 
 SIZE = (1, 16, 16)
 
@@ -40,7 +40,7 @@ def chase_sparsify(model: nn.Module, opt: torch.optim.Optimizer, options: dict):
     return itop_timm.sparsify(
         model,
         opt,
-        "chase",
+        method="chase",
         density=0.2,
         update_interval=2,
         total_steps=24,
@@ -48,10 +48,12 @@ def chase_sparsify(model: nn.Module, opt: torch.optim.Optimizer, options: dict):
     )
 
 
-def chase_run(steps: int = 24, resume_at: int | None = None, **options):
+def resumed_run(start, restart, steps: int, resume_at: int | None):
+    """Train ``steps`` steps from ``start(model, opt)``; with ``resume_at``, stop there and continue in a
+    fresh model whose sparsifier ``restart(model, opt)`` builds and the saved state restores."""
     model = resnet()
     opt = sgd(model)
-    sp = chase_sparsify(model, opt, options)
+    sp = start(model, opt)
     if resume_at is None:
         train_steps(model, opt, steps, input_size=SIZE)
         return model, sp
@@ -59,7 +61,7 @@ def chase_run(steps: int = 24, resume_at: int | None = None, **options):
     state, model_state, opt_state = sp.state_dict(), model.state_dict(), opt.state_dict()
     fresh = resnet(seed=1)
     fresh_opt = sgd(fresh)
-    sp2 = chase_sparsify(fresh, fresh_opt, options)
+    sp2 = restart(fresh, fresh_opt)
     fresh.load_state_dict(model_state)
     fresh_opt.load_state_dict(opt_state)
     sp2.load_state_dict(state)
@@ -73,6 +75,13 @@ def chase_run(steps: int = 24, resume_at: int | None = None, **options):
         nn.functional.cross_entropy(fresh(x), y).backward()
         fresh_opt.step()
     return fresh, sp2
+
+
+def chase_run(steps: int = 24, resume_at: int | None = None, **options):
+    def start(model, opt):
+        return chase_sparsify(model, opt, options)
+
+    return resumed_run(start, start, steps, resume_at)
 
 
 # ---------------------------------------------------------------------------------- the update
@@ -149,6 +158,67 @@ def test_chase_resumes_exactly_from_its_state_dict():
     assert all(torch.equal(sp_a.masks[n], sp_b.masks[n]) for n in sp_a.masks)
 
 
+def test_chase_channel_removal_reaches_update_hooks_through_restrict():
+    model = resnet()
+    opt = sgd(model)
+    sp = chase_sparsify(model, opt, {})
+    seen = []
+    sp.register_update_hook(lambda s, stats: seen.append(stats))
+    train_steps(model, opt, 24, input_size=SIZE)
+    removals = [stats for stats in seen if stats.get("event") == "restrict"]
+    assert removals, "channel removals must notify the update hooks"
+    assert all(
+        r["removed"] > 0 and r["structure"]["channels_alive"] < r["structure"]["channels_removable"]
+        for r in removals
+    )
+    assert {r["step"] for r in removals} <= {3, 7, 11, 15, 18}  # j·4 − ΔT/2 and T_c = 18
+    last = max(removals, key=lambda r: r["step"])
+    assert last["structure"]["channels_alive"] == seen[-1]["structure"]["channels_alive"]
+
+
+def test_chase_rule_is_built_and_the_model_traced_once_per_config(monkeypatch):
+    import itop_timm.methods.chase as chase
+
+    traces = []
+    real = chase.removable_units
+    monkeypatch.setattr(chase, "removable_units", lambda *a, **k: traces.append(1) or real(*a, **k))
+    config = itop_timm.SparsityConfig(
+        method="chase", density=0.2, update_interval=2, total_steps=24, method_options=CHASE
+    ).resolved()
+    assert config.structure_rule() is config.structure_rule()
+    first, second = resnet(), resnet()
+    sp1 = itop_timm.sparsify(first, sgd(first), config)
+    sp2 = itop_timm.sparsify(second, sgd(second), config)
+    assert len(traces) == 1
+    assert sp1.structure is not sp2.structure and sp1.structure.alive is not sp2.structure.alive
+    train_steps(first, sp1.optimizer, 8, input_size=SIZE)  # the first run's removals stay its own
+    assert sum(int(a.sum()) for a in sp2.structure.alive.values()) > sum(
+        int(a.sum()) for a in sp1.structure.alive.values()
+    )
+
+
+@pytest.mark.parametrize("method,options", [("chase", CHASE), ("srigl", {"gamma_sal": 0.3})])
+def test_structured_run_started_from_given_masks_resumes_exactly(method, options):
+    g = torch.Generator().manual_seed(5)
+    shapes = itop_timm.sparse_parameter_shapes(resnet())
+    given = {name: torch.rand(shape, generator=g) < 0.3 for name, shape in shapes.items()}
+    settings = {"method": method, "update_interval": 2, "total_steps": 24, "method_options": options}
+
+    def start(model, opt):
+        return itop_timm.sparsify(model, opt, masks=given, **settings)
+
+    def restart(model, opt):  # as a resumed recipe run: the config's density, then the saved state
+        return itop_timm.sparsify(model, opt, density=0.2, **settings)
+
+    model_a, sp_a = resumed_run(start, restart, 24, None)
+    model_b, sp_b = resumed_run(start, restart, 24, 10)
+    for name, mask in sp_a.masks.items():
+        assert torch.equal(sp_b.masks[name], mask), name
+    assert sp_b.density == sp_a.density
+    for key, value in model_a.state_dict().items():
+        assert torch.equal(model_b.state_dict()[key], value), key
+
+
 def test_chase_units_cover_common_architectures():
     for name, expected in (
         ("test_resnet", 5),
@@ -181,7 +251,7 @@ def test_chase_bad_options_are_refused_before_the_model_is_touched(options, matc
     opt = sgd(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=match):
-        itop_timm.sparsify(model, opt, "chase", density=0.2, total_steps=24, method_options=options)
+        itop_timm.sparsify(model, opt, method="chase", density=0.2, total_steps=24, method_options=options)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not opt._optimizer_step_post_hooks
 
@@ -194,7 +264,12 @@ def test_chase_refuses_an_architecture_without_removable_channels():
         ValueError, match=r"chase: Sequential has no removable channel group .*0: removal is not exact"
     ):
         itop_timm.sparsify(
-            model, sgd(model), "chase", density=0.5, total_steps=10, method_options={"input_size": list(SIZE)}
+            model,
+            sgd(model),
+            method="chase",
+            density=0.5,
+            total_steps=10,
+            method_options={"input_size": list(SIZE)},
         )
 
 
@@ -204,7 +279,7 @@ def test_unstructured_methods_take_no_method_options():
         ValueError, match=r"method 'rigl' takes no method_options, got \['channel_sparsity'\]"
     ):
         itop_timm.sparsify(
-            model, sgd(model), "rigl", total_steps=10, method_options={"channel_sparsity": 0.3}
+            model, sgd(model), method="rigl", total_steps=10, method_options={"channel_sparsity": 0.3}
         )
 
 
@@ -213,7 +288,13 @@ def test_srigl_keeps_constant_fan_in_and_never_ablates_the_classifier():
     model = resnet()
     opt = sgd(model)
     sp = itop_timm.sparsify(
-        model, opt, "srigl", density=0.2, update_interval=2, total_steps=20, method_options={"gamma_sal": 1.0}
+        model,
+        opt,
+        method="srigl",
+        density=0.2,
+        update_interval=2,
+        total_steps=20,
+        method_options={"gamma_sal": 1.0},
     )
     train_steps(model, opt, 14, input_size=SIZE)
     assert sp.last_update["step"] == 14 and sp.last_update["structure"]["ablated_rows"] > 0
@@ -228,7 +309,9 @@ def test_srigl_keeps_constant_fan_in_and_never_ablates_the_classifier():
 def test_srigl_gamma_sal_outside_its_range_is_refused(gamma):
     model = resnet()
     with pytest.raises(ValueError, match=r"srigl: gamma_sal must be in \(0, 1\]"):
-        itop_timm.sparsify(model, sgd(model), "srigl", total_steps=10, method_options={"gamma_sal": gamma})
+        itop_timm.sparsify(
+            model, sgd(model), method="srigl", total_steps=10, method_options={"gamma_sal": gamma}
+        )
 
 
 def test_condensed_vit_gives_the_masked_models_outputs():
@@ -238,7 +321,7 @@ def test_condensed_vit_gives_the_masked_models_outputs():
     sp = itop_timm.sparsify(
         model,
         opt,
-        "srigl",
+        method="srigl",
         density=0.1,
         update_interval=2,
         total_steps=12,

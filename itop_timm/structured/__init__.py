@@ -1,10 +1,10 @@
 """Structured sparsity: the RMDA optimizer (and ProxSGD), group-LASSO / L1 proximal regularisers,
-torch-pruning coupled channel groups, compaction of zeroed channels into a smaller dense model, the
-Chase method's channel rule, SRigL's condensed linear layers, and a torch-pruning importance that ranks
-channels by ITOP masks."""
+torch-pruning coupled channel groups (and the channel units Chase removes), compaction of zeroed channels
+into a smaller dense model, SRigL's condensed linear layers, and a torch-pruning importance that ranks
+channels by ITOP masks. The Chase and SRigL methods themselves live in :mod:`itop_timm.methods`."""
 
-from .chase import ChaseRule
-from .compact import compact, compact_checkpoint, rebuild_compacted
+from .compact import compact
+from .compacted import compact_checkpoint, rebuild_compacted
 from .condense import CondensedLinear, condense
 from .dependency import ChannelGroup, ChannelSlice, coupled_channel_groups
 from .importance import MaskImportance
@@ -29,5 +29,4 @@ __all__ = [
     "MaskImportance",
     "CondensedLinear",
     "condense",
-    "ChaseRule",
 ]

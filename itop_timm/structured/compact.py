@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,16 +33,12 @@ from torch import nn
 
 from ..checkpoint import (
     ARCHITECTURE_ATTR,
-    SparseState,
-    load_sparse,
-    register_architecture_rebuilder,
-    save_sparse,
 )
 from ..masks import validate_masks
+from ..validation import Range
 from .dependency import (
     ChannelTrace,
     TracedGroup,
-    build_graph,
     call_model,
     model_label,
     per_position,
@@ -52,7 +46,7 @@ from .dependency import (
     tracing_state,
 )
 
-__all__ = ["compact", "rebuild_compacted", "compact_checkpoint", "HISTORY_ATTR"]
+__all__ = ["compact", "HISTORY_ATTR", "check_tol"]
 
 _logger = logging.getLogger(__name__)
 
@@ -60,14 +54,11 @@ HISTORY_ATTR = ARCHITECTURE_ATTR  # the checkpoint format's extension point
 # |output change| allowed on the example input for an exact compaction (summation order changes only)
 _OUTPUT_RTOL = 1e-4
 # most elements of the example input a recorded history is replayed with (a forged size must not exhaust memory)
-_MAX_TRACE_ELEMENTS = 1 << 26
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_tol(tol: float) -> float:
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0 or math.isinf(tol):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    return float(tol)
+def check_tol(tol: float) -> float:
+    return Range(float, 0, math.inf, high_open=True).check("tol", tol)
 
 
 def _check_input(example_inputs: Any) -> torch.Tensor:
@@ -234,7 +225,7 @@ def compact(
             wrong shape / dtype, or an example input that does not run through the model (or that
             torch-pruning cannot trace).
     """
-    tol = _check_tol(tol)
+    tol = check_tol(tol)
     x = _check_input(example_inputs)
     params = dict(model.named_parameters())
     masks = _check_masks(masks, params)
@@ -342,117 +333,3 @@ def compact(
         macs_after,
     )
     return model, report
-
-
-# ----------------------------------------------------------------------------- rebuild
-def _check_structured(structured_meta: Any) -> tuple[list[list[Any]], list[int]]:
-    if not isinstance(structured_meta, Mapping) or not {"history", "input_size"} <= set(structured_meta):
-        raise ValueError("structured metadata must be a mapping with 'history' and 'input_size'")
-    size = structured_meta["input_size"]
-    if (
-        not isinstance(size, (list, tuple))
-        or not size
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
-    ):
-        raise ValueError(f"structured metadata: input_size must be a list of positive ints, got {size!r}")
-    if len(size) > 8 or math.prod(min(s, _MAX_TRACE_ELEMENTS + 1) for s in size) > _MAX_TRACE_ELEMENTS:
-        raise ValueError(f"structured metadata: input_size {size!r} exceeds {_MAX_TRACE_ELEMENTS} elements")
-    history = structured_meta["history"]
-    if not isinstance(history, (list, tuple)):
-        raise ValueError("structured metadata: history must be a list of [layer, is_out, indices]")
-    for entry in history:
-        if (
-            not isinstance(entry, (list, tuple))
-            or len(entry) != 3
-            or not isinstance(entry[0], str)
-            or not isinstance(entry[1], bool)
-            or not isinstance(entry[2], (list, tuple))
-            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in entry[2])
-        ):
-            raise ValueError(f"structured metadata: bad history entry {entry!r}")
-    return [[e[0], e[1], list(e[2])] for e in history], list(size)
-
-
-def rebuild_compacted(model: nn.Module, structured_meta: Mapping[str, Any]) -> nn.Module:
-    """Give a freshly built (uncompressed) model the compacted architecture recorded by :func:`compact`.
-
-    Args:
-        model: e.g. ``timm.create_model(arch, num_classes=...)``; shrunk in place (weights are loaded
-            afterwards, e.g. by ``load_sparse``).
-        structured_meta: ``{"history": [[layer, is_out, indices], ...], "input_size": [C, H, W]}``.
-
-    Raises:
-        ValueError: for malformed metadata, or a history that does not fit the model.
-    """
-    history, input_size = _check_structured(structured_meta)
-    ref = next(iter(model.parameters()), None)
-    x = torch.zeros(1, *input_size, device=ref.device if ref is not None else "cpu")
-    with tracing_state(model):
-        graph = build_graph(model, x)
-        try:
-            graph.load_pruning_history(history)
-        except Exception as err:
-            raise ValueError(
-                f"cannot replay the pruning history on {model_label(model)}: {type(err).__name__}: {err}"
-            ) from err
-    setattr(model, HISTORY_ATTR, {"history": history, "input_size": input_size})
-    return model
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def compact_checkpoint(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    *,
-    input_size: Sequence[int] | None = None,
-    tol: float = 0.0,
-) -> dict[str, Any]:
-    """Load the sparse checkpoint ``src``, :func:`compact` it with its masks, save the result to ``dst``.
-
-    Args:
-        src: checkpoint folder or ``hf-hub:org/name``.
-        dst: output folder (a different one).
-        input_size: ``(C, H, W)`` of the tracing input (default: the model's ``pretrained_cfg["input_size"]``).
-        tol: weights with ``|w| <= tol`` count as zero.
-
-    Returns:
-        The compaction report without tensors (also stored in the new checkpoint's metadata under
-        ``extra["compaction"]``). The union (R_s) masks are not carried over. A checkpoint without masks
-        (e.g. RMDA-trained) is written in compact storage, the form whose metadata keeps the pruning history.
-    """
-    tol = _check_tol(tol)
-    model, masks, meta = load_sparse(src)
-    if Path(dst).resolve() == Path(meta["path"]).resolve():
-        raise ValueError("compact_checkpoint needs a destination folder different from the source")
-    size = (
-        input_size
-        if input_size is not None
-        else (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
-    )
-    if (
-        not isinstance(size, (list, tuple))
-        or not size
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
-    ):
-        raise ValueError(f"input_size must be positive ints such as (3, 224, 224), got {size!r}")
-    _, report = compact(model, torch.zeros(1, *size), masks=masks or None, tol=tol)
-    new_masks = report.pop("masks", None)
-    extra = dict(meta.get("extra") or {})
-    extra["compaction"] = report
-    state = SparseState(new_masks, None, meta) if new_masks else None
-    save_sparse(
-        model,
-        state,
-        dst,
-        model_name=meta["architecture"],
-        extra_metadata=extra,
-        metrics=meta.get("metrics"),
-        dataset=meta.get("dataset"),
-        # without masks, save_sparse writes the sparsity file (which carries the pruning history) only
-        # for compact storage; plain timm cannot load a compacted architecture either way
-        compact=bool(meta.get("compact")) or not new_masks,
-    )
-    return report
-
-
-register_architecture_rebuilder(rebuild_compacted)

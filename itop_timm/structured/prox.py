@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..validation import Range
 from .dependency import ChannelGroup, ChannelSlice, channel_numel, coupled_channel_groups, per_position
 
 __all__ = ["Regularizer", "GroupLasso", "L1", "create_regularizer", "group_sparsity"]
@@ -39,9 +40,7 @@ class Regularizer(Protocol):
 
 
 def _check_lambda(value: float, what: str = "weight_lambda") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
-        raise ValueError(f"{what} must be a number >= 0, got {value!r}")
-    return float(value)
+    return Range(float, 0).check(what, value)
 
 
 class GroupLasso:

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..validation import Range
 from .prox import Regularizer, create_regularizer, group_sparsity
 
 __all__ = ["RMDA", "ProxSGD", "RMDAStages"]
@@ -39,18 +40,12 @@ __all__ = ["RMDA", "ProxSGD", "RMDAStages"]
 def _validate(
     lr: float, momentum: float, weight_lambda: float, weight_decay: float, name: str, momentum_range: str
 ) -> None:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"{name}: lr must be > 0, got {lr!r}")
-    if momentum_range == "(0, 1]" and not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
-        raise ValueError(f"{name}: momentum (the averaging weight c) must be in (0, 1], got {momentum!r}")
-    if momentum_range == "[0, 1)" and not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
-        raise ValueError(f"{name}: momentum must be in [0, 1), got {momentum!r}")
-    if (
-        isinstance(weight_lambda, bool)
-        or not isinstance(weight_lambda, (int, float))
-        or not weight_lambda >= 0
-    ):
-        raise ValueError(f"{name}: weight_lambda must be >= 0, got {weight_lambda!r}")
+    Range(float, 0, low_open=True).check(f"{name}: lr", lr)
+    what = "momentum (the averaging weight c)" if momentum_range == "(0, 1]" else "momentum"
+    Range(float, 0, 1, low_open=momentum_range == "(0, 1]", high_open=momentum_range == "[0, 1)").check(
+        f"{name}: {what}", momentum
+    )
+    Range(float, 0).check(f"{name}: weight_lambda", weight_lambda)
     if weight_decay:
         raise ValueError(
             f"{name}: weight_decay must be 0 (the regulariser's weight_lambda replaces it), got {weight_decay!r}"

@@ -1,9 +1,12 @@
-"""Builders of a training run's parts from its config: the timm model, data loaders, optimizer, learning-rate
-schedule, sparsifier and weight averager. Each is one call to the library it comes from."""
+"""Builders of a training run's parts from its config: the Accelerator, the timm model, data loaders,
+optimizer, learning-rate schedule, sparsifier and weight averager. Each is one call to the library it
+comes from."""
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,10 +14,16 @@ import torch
 from ..config import SparsityConfig
 from ..sparsifier import Sparsifier
 from .config import TrainConfig
-from .data import ImageClassificationDataset, build_transforms, make_loader
+from .fsdp import enable_fsdp_on_cpu, fsdp_plugin
+from .loaders import ImageClassificationDataset, build_transforms, make_loader
+from .resources import ThreadPlan, resolve_num_workers
+from .tensor_data import build_tensor_loaders, use_in_memory
 
 __all__ = [
+    "build_accelerator",
     "create_model",
+    "RunData",
+    "build_data",
     "build_loaders",
     "build_optimizer",
     "build_lr_schedule",
@@ -36,6 +45,58 @@ def create_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
             if "img_size" not in str(err):
                 raise
     return timm.create_model(cfg.model.name, **common, **kwargs)
+
+
+def build_accelerator(cfg: TrainConfig, num_classes: int) -> Any:
+    """The run's ``accelerate.Accelerator``: mixed precision, gradient accumulation, TensorBoard, and
+    FSDP2 (one unit per timm block) when ``train.fsdp``."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    output = Path(cfg.run.output_dir)
+    plugin = None
+    if cfg.train.fsdp:
+        with torch.device("meta"):  # only the module classes are read
+            plugin = fsdp_plugin(create_model(cfg, num_classes))
+    accelerator = Accelerator(
+        fsdp_plugin=plugin,
+        # without a GPU, Accelerate only sets up multi-process (gloo) training when told it runs on the CPU
+        cpu=cfg.run.cpu or not torch.cuda.is_available(),
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        log_with="tensorboard" if cfg.run.tensorboard else None,
+        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "tensorboard")),
+    )
+    if plugin is not None:
+        enable_fsdp_on_cpu(accelerator, plugin)
+    return accelerator
+
+
+@dataclass
+class RunData:
+    """The training set (seeded per epoch), the loaders by role (before ``accelerator.prepare``), and
+    how they were built."""
+
+    train_set: Any
+    loaders: dict[str, Any]
+    workers: int
+    in_memory: bool
+
+
+def build_data(
+    cfg: TrainConfig, splits: Any, model: torch.nn.Module, threads: ThreadPlan, device: torch.device
+) -> RunData:
+    """The in-memory path (:mod:`.tensor_data`) when the decoded splits fit, else timm's PIL one
+    (:func:`build_loaders`) with ``data.num_workers`` resolved for ``threads`` and ``device``."""
+    in_memory = use_in_memory(cfg.data, cfg.model, [splits.train, splits.val, splits.test])
+    if in_memory:  # decoded once, augmented per batch on the device: workers only when asked for
+        workers = 0 if cfg.data.num_workers == "auto" else int(cfg.data.num_workers)
+        pin = device.type == "cuda"
+        train_set, loaders = build_tensor_loaders(cfg, splits, model, workers, pin_memory=pin)
+    else:
+        workers = resolve_num_workers(cfg.data.num_workers, threads, device.type)
+        train_set, loaders = build_loaders(cfg, splits, model, workers)
+    return RunData(train_set, loaders, workers, in_memory)
 
 
 def build_loaders(
@@ -124,12 +185,20 @@ def build_lr_schedule(
 
 
 def build_sparsifier(
-    cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, total_steps: int
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    checked: SparsityConfig | None = None,
 ) -> Sparsifier | None:
-    """The run's :class:`~itop_timm.Sparsifier` (``None`` for ``sparsity.method: dense``)."""
+    """The run's :class:`~itop_timm.Sparsifier` (``None`` for ``sparsity.method: dense``); ``checked``:
+    the config preflight checked the architecture with, whose structure rule (and trace) is reused."""
     if cfg.dense:
         return None
-    return Sparsifier(model, optimizer, sparsity_config(cfg, total_steps))
+    config = sparsity_config(cfg, total_steps)
+    if checked is not None:
+        config = checked.replace(**config.library_fields())
+    return Sparsifier(model, optimizer, config)
 
 
 def sparsity_config(cfg: TrainConfig, total_steps: int) -> SparsityConfig:
@@ -144,7 +213,7 @@ def sparsity_config(cfg: TrainConfig, total_steps: int) -> SparsityConfig:
         and "input_size" not in options
     ):
         size = [cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size]
-        config = dataclasses.replace(config, method_options={**options, "input_size": size})
+        config = config.replace(method_options={**options, "input_size": size})
     return config
 
 

@@ -1,17 +1,16 @@
-"""Training configuration: YAML file + ``--section.key value`` overrides, validated before any work.
+"""The recipe's configuration: its sections, and :func:`load_config` (YAML file + ``--section.key value``
+overrides, validated before any work).
 
 A config has the sections ``model``, ``data``, ``optim``, ``sched``, ``train``, ``sparsity``,
-``averaging`` and ``run`` (see the dataclasses below, and ``recipes/configs/*.yaml``). Unknown keys
-raise a ``ValueError`` listing the valid ones; values are type-checked against the fields.
+``averaging`` and ``run`` (see the dataclasses below, and ``recipes/configs/*.yaml``). Reading,
+type-checking and merging the values is :mod:`.options`' job: unknown keys raise a ``ValueError``
+listing the valid ones, values are type-checked against the fields, and mapping options take
+sub-keys (``--sparsity.method_options.channel_sparsity 0.3``).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,16 @@ import yaml
 from ..config import SparsityConfig, option
 from ..methods import MethodInfo
 from ..plugins import load_plugins
+from .options import (
+    build_sections,
+    check_type,
+    describe_keys,
+    merge_overrides,
+    parse_yaml,
+    sections_to_dict,
+    valid_keys,
+)
+from .options import parse_overrides as _parse_overrides
 
 __all__ = [
     "ModelConfig",
@@ -35,8 +44,6 @@ __all__ = [
     "TrainConfig",
     "load_config",
     "parse_overrides",
-    "config_differences",
-    "RESUME_MAY_DIFFER",
     "published_config",
 ]
 
@@ -232,12 +239,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain ``{section: {key: value}}`` (tuples as lists), as in a YAML config."""
-        out: dict[str, Any] = {}
-        for s in dataclasses.fields(self):
-            section = getattr(self, s.name)
-            values = {f.name: copy.deepcopy(getattr(section, f.name)) for f in _section_fields(type(section))}
-            out[s.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
-        return out
+        return sections_to_dict(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -245,60 +247,25 @@ class TrainConfig:
     @classmethod
     def valid_keys(cls) -> list[str]:
         """Every ``section.key`` a config may set."""
-        return [
-            f"{s.name}.{f.name}" for s in dataclasses.fields(cls) for f in _section_fields(s.default_factory)
-        ]
+        return valid_keys(cls)
 
     @classmethod
     def describe_keys(cls) -> str:
         """Every ``--section.key`` with its type, default and meaning (for ``--help``)."""
-        lines = []
-        for section in dataclasses.fields(cls):
-            section_cls = section.default_factory
-            lines.append(f"{section.name}:")
-            hints = typing.get_type_hints(section_cls)
-            for f in _section_fields(section_cls):
-                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-                if "library_default" in f.metadata:
-                    shown = f"the method's, else {f.metadata['library_default']!r}"
-                else:
-                    shown = repr(default)
-                kind = _type_name(hints[f.name])
-                lines.append(f"  --{section.name}.{f.name} {kind} (default: {shown})")
-                lines.append(f"      {f.metadata.get('help', '')}")
-        return "\n".join(lines)
+        return describe_keys(cls)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> TrainConfig:
-        """Build from nested ``{section: {key: value}}``; unknown or ill-typed keys raise ``ValueError``."""
-        if not isinstance(values, Mapping):
-            raise ValueError(f"{source}: expected a mapping of sections, got {type(values).__name__}")
-        sections = {f.name: f for f in dataclasses.fields(cls)}
-        run_values = values.get("run")
+        """Build from nested ``{section: {key: value}}``; unknown or ill-typed keys raise ``ValueError``.
+
+        The modules named in ``run.plugins`` are imported first: they register the methods,
+        distributions and schedules the other keys may name. (Installed plugins are the entry
+        point's to load: :func:`itop_timm.load_plugins`.)
+        """
+        run_values = values.get("run") if isinstance(values, Mapping) else None
         plugins = run_values.get("plugins") if isinstance(run_values, Mapping) else None
-        # plugins register methods, distributions and schedules: before any of those names is checked
-        load_plugins(_check_type("run.plugins", plugins or [], list[str]))
-        unknown = [k for k in values if k not in sections]
-        if unknown:
-            raise ValueError(f"{source}: unknown section(s) {unknown}; valid sections: {list(sections)}")
-        built = {}
-        for name, section_field in sections.items():
-            section_cls = section_field.default_factory
-            given = values.get(name) or {}
-            if not isinstance(given, Mapping):
-                raise ValueError(f"{source}: section {name!r} must be a mapping, got {given!r}")
-            known = {f.name: f for f in _section_fields(section_cls)}
-            bad = [k for k in given if k not in known]
-            if bad:
-                hints = {k: difflib.get_close_matches(k, list(known), n=1) for k in bad}
-                hint = "; ".join(f"{name}.{k}: did you mean {name}.{h[0]}?" for k, h in hints.items() if h)
-                raise ValueError(
-                    f"{source}: unknown key(s) {[f'{name}.{k}' for k in bad]}"
-                    f"{' (' + hint + ')' if hint else ''}; valid keys in {name!r}: {list(known)}"
-                )
-            typed = {k: _check_type(f"{name}.{k}", v, _field_type(section_cls, k)) for k, v in given.items()}
-            built[name] = section_cls(**typed)
-        config = cls(**built)
+        load_plugins(check_type("run.plugins", plugins or [], list[str]), installed=False)
+        config = cls(**build_sections(cls, values, source))
         config.validate()
         return config
 
@@ -349,130 +316,19 @@ class TrainConfig:
         return self.sparsity.dense
 
 
-def _section_fields(section_cls: type) -> list[dataclasses.Field]:
-    """The config keys of a section: its dataclass fields, less those the recipe derives."""
-    derived = getattr(section_cls, "derived", ())
-    return [f for f in dataclasses.fields(section_cls) if f.name not in derived]
-
-
-def _type_name(annotation: Any) -> str:
-    """``int | None`` -> ``INT|null``, ``list[float]`` -> ``[FLOAT, ...]``."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return "|".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(annotation))
-    if origin in (list, tuple):
-        return f"[{_type_name(typing.get_args(annotation)[0])}, ...]"
-    if origin is dict:
-        return "{KEY: VALUE}"
-    if annotation is Any:
-        return "VALUE"
-    return getattr(annotation, "__name__", str(annotation)).upper()
-
-
-def _field_type(section_cls: type, key: str) -> Any:
-    return typing.get_type_hints(section_cls)[key]
-
-
-def _check_type(key: str, value: Any, annotation: Any) -> Any:
-    """Coerce/validate ``value`` against a field annotation (int/float/bool/str/list/dict/Optional)."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_type(key, value, option)
-            except ValueError as err:
-                errors.append(str(err))
-        raise ValueError(errors[0] if errors else f"{key}: invalid value {value!r}")
-    if annotation is Any:
-        return value
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{key} must be true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ValueError(f"{key} must be an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ValueError(f"{key} must be a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError(f"{key} must be a string, got {value!r}")
-    if origin is tuple:
-        item = typing.get_args(annotation)[0]
-        if isinstance(value, Sequence) and not isinstance(value, str):
-            return tuple(_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value))
-        raise ValueError(f"{key} must be a list, got {value!r}")
-    if origin is list:
-        (item,) = typing.get_args(annotation)
-        if isinstance(value, Sequence) and not isinstance(value, str):
-            return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-        raise ValueError(f"{key} must be a list, got {value!r}")
-    if origin is dict:
-        if isinstance(value, Mapping):
-            return dict(value)
-        raise ValueError(f"{key} must be a mapping, got {value!r}")
-    raise ValueError(f"{key}: unsupported field type {annotation}")  # pragma: no cover
-
-
 def parse_overrides(args: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``["--optim.lr", "0.05", "--sparsity.density=0.02"]`` -> ``{"optim": {"lr": 0.05}, ...}``.
-
-    Values are parsed as YAML scalars/lists (``true``, ``null``, ``[0.5, 0.75]``).
-    """
-    out: dict[str, dict[str, Any]] = {}
-    i = 0
-    valid = TrainConfig.valid_keys()
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}: overrides look like --section.key value")
-        key, eq, raw = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(args):
-                raise ValueError(f"override {arg!r} needs a value")
-            raw = args[i + 1]
-            i += 1
-        i += 1
-        if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=3)
-            raise ValueError(
-                f"unknown config key {key!r}{f' (did you mean {close}?)' if close else ''}; valid keys: {', '.join(valid)}"
-            )
-        section, name = key.split(".", 1)
-        out.setdefault(section, {})[name] = _parse_yaml(raw, f"--{key}") if raw != "" else None
-    return out
-
-
-def _parse_yaml(text: str, source: str) -> Any:
-    """``yaml.safe_load`` (which never runs code) with its errors as a ``ValueError`` naming ``source``."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ValueError(f"{source}: not valid YAML (plain values only, no tags): {err}") from None
-
-
-def _merge(base: dict[str, Any], overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    merged = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base.items()}
-    for section, values in overrides.items():
-        current = merged.get(section)
-        merged[section] = {**(current if isinstance(current, Mapping) else {}), **values}
-    return merged
+    """``["--optim.lr", "0.05", "--model.kwargs.drop_rate", "0.1"]`` -> ``{"optim": {"lr": 0.05},
+    "model": {"kwargs.drop_rate": 0.1}}``, checked against :class:`TrainConfig` (see
+    :func:`.options.parse_overrides`)."""
+    return _parse_overrides(args, TrainConfig)
 
 
 def load_config(
     path: str | Path | None, overrides: Sequence[str] | Mapping[str, Mapping[str, Any]] = ()
 ) -> TrainConfig:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides
+    (``--section.key value`` strings, or ``{section: {key: value}}``; a dotted ``key.subkey`` sets one
+    entry of a mapping option)."""
     values: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -484,7 +340,7 @@ def load_config(
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as err:
             raise ValueError(f"config file {source!r} cannot be read: {err}") from None
-        loaded = _parse_yaml(text, f"config file {source!r}")
+        loaded = parse_yaml(text, f"config file {source!r}")
         if loaded is not None and not isinstance(loaded, Mapping):
             raise ValueError(
                 f"config file {source!r}: expected a mapping of sections (model, data, ...), "
@@ -492,40 +348,7 @@ def load_config(
             )
         values = dict(loaded or {})
     parsed = parse_overrides(overrides) if not isinstance(overrides, Mapping) else overrides
-    return TrainConfig.from_dict(_merge(values, parsed), source=source)
-
-
-#: keys that may change between a checkpoint and its resumption without changing the run's result.
-RESUME_MAY_DIFFER = frozenset(
-    {
-        "run.resume",
-        "run.overwrite",
-        "run.progress",
-        "run.tensorboard",
-        "run.log_interval",
-        "run.checkpoint_interval",
-        "run.keep_checkpoints",
-        "run.output_dir",
-        "data.num_workers",
-        "run.num_threads",
-        "data.eval_batch_size",
-        "data.data_dir",
-    }
-)
-
-
-def config_differences(
-    saved: Mapping[str, Any], current: Mapping[str, Any], ignore: frozenset[str] = RESUME_MAY_DIFFER
-) -> list[str]:
-    """``section.key: saved -> current`` for every setting that differs (except ``ignore``)."""
-    diffs = []
-    for section in sorted(set(saved) | set(current)):
-        a, b = saved.get(section) or {}, current.get(section) or {}
-        for key in sorted(set(a) | set(b)):
-            name = f"{section}.{key}"
-            if name not in ignore and a.get(key) != b.get(key):
-                diffs.append(f"{name}: {a.get(key)!r} -> {b.get(key)!r}")
-    return diffs
+    return TrainConfig.from_dict(merge_overrides(values, parsed), source=source)
 
 
 #: settings left out of the config published with a model: where this machine keeps its data and runs

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ..plugins import load_plugins
 from .config import TrainConfig, load_config
 
 __all__ = ["build_parser", "main", "format_summary"]
@@ -26,7 +27,8 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
         ),
         epilog=(
             "config keys (YAML `section: {key: value}`, or overrides `--section.key value`; values are YAML,\n"
-            "e.g. `--sched.milestones [0.5,0.75]`, `--model.num_classes null`):\n"
+            "e.g. `--sched.milestones [0.5,0.75]`, `--model.num_classes null`; a {KEY: VALUE} key also takes\n"
+            "one entry at a time, merged into the file's: `--sparsity.method_options.channel_sparsity 0.3`):\n"
             + TrainConfig.describe_keys()
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -45,7 +47,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "train.py") -> dict[str, Any] | None:
-    """Parse arguments, train, print the summary; returns it (``None`` for ``--print-config``)."""
+    """Parse arguments, load the installed plugins, train, print the summary; returns it (``None`` for
+    ``--print-config``)."""
     parser = build_parser(prog)
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(
@@ -53,6 +56,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "train.py") -> dict[str,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        load_plugins()  # installed plugins: before the config names their methods
         cfg = load_config(args.config, overrides)
     except ValueError as err:
         parser.error(str(err))

@@ -1,10 +1,17 @@
 """The training run behind ``recipes/train.py`` and ``itop-timm train``: one plain Accelerate loop.
 
-config -> :func:`~.preflight.preflight` (every input checked, nothing written) -> the parts from
-:mod:`.builders` (timm model, 🤗 data, timm optimizer and scheduler, the Sparsifier, weight averaging)
--> ``accelerator.prepare`` -> the loop (``accelerate.accumulate`` / ``backward`` / ``optimizer.step``;
-masks and topology updates ride on the step) -> :mod:`.reporting` (evaluation, metrics.jsonl, plots,
-the sparse checkpoint, summary.json).
+:func:`run` reads like Accelerate's example training functions, in the three parts of :class:`TrainingRun`:
+
+* :meth:`~TrainingRun.set_up`: config -> :func:`~.preflight.preflight` (every input checked, nothing
+  written) -> the Accelerator and the output folder -> the parts from :mod:`.builders` (timm model,
+  🤗 data, timm optimizer and scheduler, the Sparsifier, weight averaging) -> ``accelerator.prepare``
+  -> the state of the checkpoint resumed from;
+* :meth:`~TrainingRun.train_epoch`: ``accelerator.accumulate`` / ``backward`` / ``optimizer.step``
+  (masks and topology updates ride on the step), then per optimizer step the learning rate, the
+  metrics log (topology updates through the sparsifier's update hook: :class:`~.reporting.TopologyLog`)
+  and checkpoints; at the epoch's end validation and the best weights;
+* :meth:`~TrainingRun.finish`: the last checkpoint, the test evaluation and :mod:`.reporting`'s outputs
+  (metrics.jsonl, plots, the sparse checkpoint, summary.json).
 """
 
 from __future__ import annotations
@@ -14,19 +21,17 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..distributed import full_state_dict, is_sharded, load_full_state_dict
 from ..serialization import atomic_write_text
 from ..sparsifier import Sparsifier
 from .builders import (
+    build_accelerator,
     build_averager,
-    build_loaders,
+    build_data,
     build_lr_schedule,
     build_optimizer,
     build_sparsifier,
@@ -34,44 +39,22 @@ from .builders import (
 )
 from .checkpointing import checkpoint_dir, register_state_hooks, remove_stale_temporaries, save_checkpoint
 from .config import TrainConfig
-from .fsdp import enable_fsdp_on_cpu, fsdp_plugin
 from .preflight import InputError, preflight
-from .reporting import MetricsLog, check_masks_identical, evaluate, write_outputs
-from .resources import configure_threads, resolve_num_workers
-from .resume import load_training_state, loss_window_state, restore_loss_window
-from .tensor_data import build_tensor_loaders, device_batches, use_in_memory
+from .reporting import (
+    MetricsLog,
+    TopologyLog,
+    evaluate,
+    evaluate_saved_weights,
+    save_best_weights,
+    write_outputs,
+)
+from .resources import configure_threads
+from .resume import TrainState, load_training_state, loss_window_state, restore_loss_window
+from .tensor_data import device_batches
 
-__all__ = ["run", "TrainState", "InputError"]
+__all__ = ["run", "TrainingRun", "TrainState", "InputError"]
 
 _logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainState:
-    """Where the loop is, and what it has seen (saved in every checkpoint)."""
-
-    epoch: int = 0
-    batches_in_epoch: int = 0  # dataloader batches of `epoch` already consumed
-    step: int = 0  # optimizer steps (synchronised gradient steps)
-    best_val_top1: float = -1.0
-    best_epoch: int = -1
-    train_seconds: float = 0.0
-    itop_history: list[dict[str, Any]] = field(default_factory=list)
-    eval_history: list[dict[str, Any]] = field(default_factory=list)
-    # per process: [loss sum, batch count] of the batches not yet logged (exact resume of the loss log)
-    loss_window: list[list[float]] = field(default_factory=list)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for key in self.__dataclass_fields__:
-            if key == "loss_window" and key not in state:  # checkpoints of older itop_timm versions
-                _logger.warning("the checkpoint has no loss window: the first logged loss may differ")
-                state = {**state, key: []}
-            if key not in state:
-                raise ValueError(f"train state misses {key!r}")
-            setattr(self, key, state[key])
 
 
 def _not_training(sparsifier: Sparsifier | None) -> contextlib.AbstractContextManager:
@@ -82,80 +65,102 @@ def _not_training(sparsifier: Sparsifier | None) -> contextlib.AbstractContextMa
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train as configured; returns the summary (also written to ``<output_dir>/summary.json``)."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from tqdm.auto import tqdm
+    training = TrainingRun(cfg)
+    training.set_up()
+    for epoch in range(training.state.epoch, cfg.train.epochs):
+        training.train_epoch(epoch)
+    return training.finish()
 
-    try:
-        resume_dir, splits = preflight(cfg)
-    except ValueError as err:
-        raise InputError(str(err)) from err
-    output = Path(cfg.run.output_dir)
-    num_classes = cfg.model.num_classes or splits.num_classes
-    plugin = None
-    if cfg.train.fsdp:
-        with torch.device("meta"):  # only the module classes are read
-            plugin = fsdp_plugin(create_model(cfg, num_classes))
-    accelerator = Accelerator(
-        fsdp_plugin=plugin,
-        # without a GPU, Accelerate only sets up multi-process (gloo) training when told it runs on the CPU
-        cpu=cfg.run.cpu or not torch.cuda.is_available(),
-        mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        log_with="tensorboard" if cfg.run.tensorboard else None,
-        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "tensorboard")),
-    )
-    if plugin is not None:
-        enable_fsdp_on_cpu(accelerator, plugin)
-    main = accelerator.is_main_process
-    if main:
-        output.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(output)
-        if resume_dir is None and cfg.run.overwrite:  # a fresh run replaces the old one's checkpoints
-            shutil.rmtree(checkpoint_dir(output), ignore_errors=True)
-            (output / "best.safetensors").unlink(missing_ok=True)
-        atomic_write_text(output / "config.yaml", cfg.to_yaml())
-    accelerator.wait_for_everyone()
-    set_seed(cfg.train.seed)
-    threads = configure_threads(cfg.run.num_threads)
 
-    model = create_model(cfg, num_classes)
-    in_memory = use_in_memory(cfg.data, cfg.model, [splits.train, splits.val, splits.test])
-    if in_memory:  # decoded once, augmented per batch on the device: workers only when asked for
-        workers = 0 if cfg.data.num_workers == "auto" else int(cfg.data.num_workers)
-        pin = accelerator.device.type == "cuda"
-        train_set, loaders = build_tensor_loaders(cfg, splits, model, workers, pin_memory=pin)
-    else:
-        workers = resolve_num_workers(cfg.data.num_workers, threads, accelerator.device.type)
-        train_set, loaders = build_loaders(cfg, splits, model, workers)
-    _logger.info("data: %s path, %d loader worker(s)", "in-memory" if in_memory else "PIL", workers)
-    optimizer = build_optimizer(cfg, model)
-    names = list(loaders)
-    prepared = accelerator.prepare(model, optimizer, *[loaders[n] for n in names])
-    model, optimizer = prepared[0], prepared[1]
-    loaders = dict(zip(names, prepared[2:], strict=True))
-    train_loader = loaders["train"]
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.gradient_accumulation_steps)
-    total_steps = cfg.train.epochs * steps_per_epoch
-    scheduler, stages = build_lr_schedule(cfg, optimizer.optimizer, steps_per_epoch, total_steps)
-    sparsifier = build_sparsifier(cfg, accelerator.unwrap_model(model), optimizer, total_steps)
-    averager = build_averager(cfg, accelerator.unwrap_model(model), optimizer, sparsifier, steps_per_epoch)
-    topology_updates: list[dict[str, Any]] = []  # filled by the sparsifier, drained after each step
-    if sparsifier is not None:
-        sparsifier.register_update_hook(lambda sp, stats: topology_updates.append(stats))
+class TrainingRun:
+    """One run of the recipe: :meth:`set_up`, :meth:`train_epoch` for each epoch left, :meth:`finish`."""
 
-    state = TrainState()
-    stateful: dict[str, Any] = {"train_state": state}
-    if sparsifier is not None:
-        stateful["sparsifier"] = sparsifier
-    if averager is not None:
-        stateful["averaging"] = averager
-    if stages is not None:
-        stateful["rmda_stages"] = stages
-    register_state_hooks(accelerator, stateful)
-    if resume_dir is not None:
-        with _not_training(sparsifier):
-            load_training_state(accelerator, resume_dir)
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.output = Path(cfg.run.output_dir)
+        self.best_path = self.output / "best.safetensors"
+
+    # ------------------------------------------------------------------ set-up
+    def set_up(self) -> None:
+        """Check every input, then build and prepare the run's parts and restore a resumed checkpoint.
+        Bad input raises :class:`InputError` before anything is written."""
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        try:
+            resume_dir, self.splits, checked_sparsity = preflight(cfg)
+        except ValueError as err:
+            raise InputError(str(err)) from err
+        num_classes = cfg.model.num_classes or self.splits.num_classes
+        self.accelerator = accelerator = build_accelerator(cfg, num_classes)
+        self.main = accelerator.is_main_process
+        self._prepare_output(fresh=resume_dir is None)
+        set_seed(cfg.train.seed)
+        self.threads = configure_threads(cfg.run.num_threads)
+
+        model = create_model(cfg, num_classes)
+        self.data = data = build_data(cfg, self.splits, model, self.threads, accelerator.device)
+        _logger.info(
+            "data: %s path, %d loader worker(s)", "in-memory" if data.in_memory else "PIL", data.workers
+        )
+        optimizer = build_optimizer(cfg, model)
+        names = list(data.loaders)
+        prepared = accelerator.prepare(model, optimizer, *[data.loaders[n] for n in names])
+        self.model, self.optimizer = prepared[0], prepared[1]
+        self.loaders = dict(zip(names, prepared[2:], strict=True))
+        self.train_loader = self.loaders["train"]
+        steps_per_epoch = math.ceil(len(self.train_loader) / cfg.train.gradient_accumulation_steps)
+        self.total_steps = cfg.train.epochs * steps_per_epoch
+        self.scheduler, self.stages = build_lr_schedule(
+            cfg, self.optimizer.optimizer, steps_per_epoch, self.total_steps
+        )
+        unwrapped = accelerator.unwrap_model(self.model)
+        self.sparsifier = build_sparsifier(cfg, unwrapped, self.optimizer, self.total_steps, checked_sparsity)
+        self.averager = build_averager(cfg, unwrapped, self.optimizer, self.sparsifier, steps_per_epoch)
+        self.topology = (
+            TopologyLog(self.sparsifier, accelerator.num_processes) if self.sparsifier is not None else None
+        )
+
+        self.state = TrainState()
+        self._restore(resume_dir)
+        self.log = MetricsLog(
+            self.output / "metrics.jsonl", self.main, self.state.step if resume_dir is not None else None
+        )
+        if cfg.run.tensorboard:
+            accelerator.init_trackers(
+                "itop_timm",
+                config={f"{k}.{kk}": str(vv) for k, v in cfg.to_dict().items() for kk, vv in v.items()},
+            )
+        self._start_clocks()
+
+    def _prepare_output(self, fresh: bool) -> None:
+        """The output folder with the run's ``config.yaml``; a fresh run with ``run.overwrite`` replaces
+        the old run's checkpoints."""
+        output = self.output
+        if self.main:
+            output.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(output)
+            if fresh and self.cfg.run.overwrite:
+                shutil.rmtree(checkpoint_dir(output), ignore_errors=True)
+                self.best_path.unlink(missing_ok=True)
+            atomic_write_text(output / "config.yaml", self.cfg.to_yaml())
+        self.accelerator.wait_for_everyone()
+
+    def _restore(self, resume_dir: Path | None) -> None:
+        """Checkpoint the loop position with the sparsifier, averager and RMDA stages; load them when resuming."""
+        stateful: dict[str, Any] = {"train_state": self.state}
+        if self.sparsifier is not None:
+            stateful["sparsifier"] = self.sparsifier
+        if self.averager is not None:
+            stateful["averaging"] = self.averager
+        if self.stages is not None:
+            stateful["rmda_stages"] = self.stages
+        register_state_hooks(self.accelerator, stateful)
+        if resume_dir is None:
+            return
+        with _not_training(self.sparsifier):
+            load_training_state(self.accelerator, resume_dir)
+        state = self.state
         _logger.info(
             "resumed from %s at step %d (epoch %d, batch %d)",
             resume_dir,
@@ -163,212 +168,214 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             state.epoch,
             state.batches_in_epoch,
         )
-    log = MetricsLog(output / "metrics.jsonl", main, state.step if resume_dir is not None else None)
-    if cfg.run.tensorboard:
-        accelerator.init_trackers(
-            "itop_timm",
-            config={f"{k}.{kk}": str(vv) for k, v in cfg.to_dict().items() for kk, vv in v.items()},
+
+    def _start_clocks(self) -> None:
+        """The loss window, throughput and wall-clock counters, and the progress bar."""
+        from tqdm.auto import tqdm
+
+        cfg, state = self.cfg, self.state
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+        world = self.accelerator.num_processes
+        self.samples_per_step = cfg.data.batch_size * world * cfg.train.gradient_accumulation_steps
+        self.progress = tqdm(
+            total=self.total_steps,
+            initial=state.step,
+            disable=not (self.main and cfg.run.progress),
+            desc="train",
+            dynamic_ncols=True,
         )
+        self.loss_sum = torch.zeros((), device=self.accelerator.device)
+        self.loss_count = restore_loss_window(state.loss_window, self.accelerator, self.loss_sum)
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.run_start = time.perf_counter() - state.train_seconds
+        self.seen_writeback = self.averager.last_writeback if self.averager is not None else None
+        self.model.train()
 
-    config_dict = cfg.to_dict()
-    best_path = output / "best.safetensors"
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    world = accelerator.num_processes
-    samples_per_step = cfg.data.batch_size * world * cfg.train.gradient_accumulation_steps
-    progress = tqdm(
-        total=total_steps,
-        initial=state.step,
-        disable=not (main and cfg.run.progress),
-        desc="train",
-        dynamic_ncols=True,
-    )
-    loss_sum = torch.zeros((), device=accelerator.device)
-    loss_count = restore_loss_window(state.loss_window, accelerator, loss_sum)
-    window_start, window_steps = time.perf_counter(), 0
-    run_start = time.perf_counter() - state.train_seconds
-
-    def log_eval(split: str, loader: Any) -> dict[str, float]:
-        result = evaluate(model, loader, accelerator)
-        record = {"event": "eval", "split": split, "epoch": state.epoch, "step": state.step, **result}
-        log.write(record)
-        if split == "val":
-            state.eval_history.append(record)
-        if cfg.run.tensorboard:
-            accelerator.log({f"{split}/{k}": v for k, v in result.items()}, step=state.step)
-        return result
-
-    def checkpoint() -> None:
-        state.train_seconds = time.perf_counter() - run_start
-        state.loss_window = loss_window_state(accelerator, loss_sum, loss_count)
-        with _not_training(sparsifier):
-            save_checkpoint(accelerator, output, state.step, config_dict, cfg.run.keep_checkpoints)
-
-    seen_writeback = averager.last_writeback if averager is not None else None
-    model.train()
-    start_epoch = state.epoch
-    for epoch in range(start_epoch, cfg.train.epochs):
+    # ------------------------------------------------------------------ one epoch
+    def train_epoch(self, epoch: int) -> None:
+        """Train ``epoch`` from where it stands (mid-epoch after a resume), then validate."""
+        accelerator, model, state = self.accelerator, self.model, self.state
         state.epoch = epoch
-        train_set.set_epoch(epoch)
-        train_loader.set_epoch(epoch)
-        loader = train_loader
+        self.data.train_set.set_epoch(epoch)
+        self.train_loader.set_epoch(epoch)
+        loader = self.train_loader
         if state.batches_in_epoch:
-            loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-        for x, y in device_batches(loader, train_set, epoch):
+            loader = accelerator.skip_first_batches(self.train_loader, state.batches_in_epoch)
+        for x, y in device_batches(loader, self.data.train_set, epoch):
             with accelerator.accumulate(model):
-                loss = criterion(model(x), y)
+                loss = self.criterion(model(x), y)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.optim.clip_grad is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients and self.cfg.optim.clip_grad is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), self.cfg.optim.clip_grad)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
             state.batches_in_epoch += 1
-            loss_sum += loss.detach()
-            loss_count += 1
-            if not accelerator.sync_gradients:
-                continue
-            state.step += 1
-            window_steps += 1
-            progress.update(1)
-            if scheduler is not None:
-                scheduler.step_update(num_updates=state.step)
-            if stages is not None:
-                stages.step()
-            if averager is not None and averager.last_writeback is not seen_writeback:
-                seen_writeback = averager.last_writeback
-                record = {"event": "averaging", "step": state.step, "epoch": epoch, **seen_writeback}
-                if seen_writeback["wrote_back"] and cfg.averaging.bn_update_batches:
-                    # the averaged weights need BatchNorm statistics of their own
-                    from ..averaging import update_bn
+            self.loss_sum += loss.detach()
+            self.loss_count += 1
+            if accelerator.sync_gradients:
+                self._after_optimizer_step(epoch)
+        self._end_epoch(epoch)
 
-                    record["bn_batches"] = update_bn(
-                        accelerator.unwrap_model(model), loaders["bn"], cfg.averaging.bn_update_batches
-                    )
-                log.write(record)
-            for stats in topology_updates:
-                update = {k: v for k, v in stats.items() if k != "layers"}
-                if "skipped" not in update:
-                    update["mask_fingerprint"] = check_masks_identical(sparsifier, state.step)
-                    update["ranks"] = world
-                    state.itop_history.append({"step": state.step, "itop_rate": update["itop_rate"]})
-                log.write(
-                    {
-                        "event": "topology_update",
-                        "epoch": epoch,
-                        **update,
-                        "sparsifier_step": update["step"],
-                        "step": state.step,
-                    }
-                )
-            topology_updates.clear()
-            if state.step % cfg.run.log_interval == 0 or state.step == total_steps:
-                mean_loss = float(accelerator.reduce(loss_sum / max(loss_count, 1), "mean"))
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "event": "train",
-                    "step": state.step,
-                    "epoch": epoch,
-                    "loss": mean_loss,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "samples_per_s": window_steps * samples_per_step / max(elapsed, 1e-9),
-                    "elapsed_s": time.perf_counter() - run_start,
-                }
-                if sparsifier is not None:
-                    record |= {"density": sparsifier.density, "itop_rate": sparsifier.itop_rate}
-                if getattr(optimizer.optimizer, "regularizer", None) is not None:  # RMDA / ProxSGD
-                    record |= optimizer.optimizer.group_sparsity()
-                log.write(record)
-                if cfg.run.tensorboard:
-                    accelerator.log(
-                        {f"train/{k}": v for k, v in record.items() if k not in ("event",)}, step=state.step
-                    )
-                postfix = {"loss": f"{mean_loss:.3f}", "lr": f"{record['lr']:.3g}"}
-                if sparsifier is not None:
-                    postfix |= {"density": f"{record['density']:.3f}", "R_s": f"{record['itop_rate']:.3f}"}
-                progress.set_postfix(postfix)
-                loss_sum.zero_()
-                loss_count = 0
-                window_start, window_steps = time.perf_counter(), 0
-            if (
-                cfg.run.checkpoint_interval
-                and state.step % cfg.run.checkpoint_interval == 0
-                and state.step < total_steps
-            ):
-                checkpoint()
-        # end of epoch
-        if "val" in loaders:
-            result = log_eval("val", loaders["val"])
+    def _after_optimizer_step(self, epoch: int) -> None:
+        cfg, state = self.cfg, self.state
+        state.step += 1
+        self.window_steps += 1
+        self.progress.update(1)
+        if self.scheduler is not None:
+            self.scheduler.step_update(num_updates=state.step)
+        if self.stages is not None:
+            self.stages.step()
+        self._log_averaging(epoch)
+        if self.topology is not None:
+            self.topology.write(self.log, state.step, epoch, state.itop_history)
+        if state.step % cfg.run.log_interval == 0 or state.step == self.total_steps:
+            self._log_train(epoch)
+        if cfg.run.checkpoint_interval and state.step % cfg.run.checkpoint_interval == 0:
+            if state.step < self.total_steps:
+                self.checkpoint()
+
+    def _log_averaging(self, epoch: int) -> None:
+        """A weight-averaging write-back of this step: BatchNorm re-estimated, an ``averaging`` record."""
+        averager = self.averager
+        if averager is None or averager.last_writeback is self.seen_writeback:
+            return
+        self.seen_writeback = averager.last_writeback
+        record = {"event": "averaging", "step": self.state.step, "epoch": epoch, **self.seen_writeback}
+        if self.seen_writeback["wrote_back"] and self.cfg.averaging.bn_update_batches:
+            # the averaged weights need BatchNorm statistics of their own
+            from ..averaging import update_bn
+
+            record["bn_batches"] = update_bn(
+                self.accelerator.unwrap_model(self.model),
+                self.loaders["bn"],
+                self.cfg.averaging.bn_update_batches,
+            )
+        self.log.write(record)
+
+    def _log_train(self, epoch: int) -> None:
+        """The ``train`` record of the loss window since the last one, and the progress bar's figures."""
+        accelerator, optimizer, sparsifier = self.accelerator, self.optimizer, self.sparsifier
+        mean_loss = float(accelerator.reduce(self.loss_sum / max(self.loss_count, 1), "mean"))
+        elapsed = time.perf_counter() - self.window_start
+        record = {
+            "event": "train",
+            "step": self.state.step,
+            "epoch": epoch,
+            "loss": mean_loss,
+            "lr": optimizer.param_groups[0]["lr"],
+            "samples_per_s": self.window_steps * self.samples_per_step / max(elapsed, 1e-9),
+            "elapsed_s": time.perf_counter() - self.run_start,
+        }
+        if sparsifier is not None:
+            record |= {"density": sparsifier.density, "itop_rate": sparsifier.itop_rate}
+        if getattr(optimizer.optimizer, "regularizer", None) is not None:  # RMDA / ProxSGD
+            record |= optimizer.optimizer.group_sparsity()
+        self.log.write(record)
+        if self.cfg.run.tensorboard:
+            accelerator.log(
+                {f"train/{k}": v for k, v in record.items() if k not in ("event",)}, step=self.state.step
+            )
+        postfix = {"loss": f"{mean_loss:.3f}", "lr": f"{record['lr']:.3g}"}
+        if sparsifier is not None:
+            postfix |= {"density": f"{record['density']:.3f}", "R_s": f"{record['itop_rate']:.3f}"}
+        self.progress.set_postfix(postfix)
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def _end_epoch(self, epoch: int) -> None:
+        """Validation (and the best weights so far), the next epoch's position, an epoch-end checkpoint."""
+        state = self.state
+        if "val" in self.loaders:
+            result = self._log_eval("val", self.loaders["val"])
             if result["top1"] > state.best_val_top1:
                 state.best_val_top1, state.best_epoch = result["top1"], epoch
-                unwrapped = accelerator.unwrap_model(model)
-                if main or is_sharded(unwrapped):  # sharded: every rank gathers
-                    weights = full_state_dict(unwrapped)
-                if main:
-                    from safetensors.torch import save_file
-
-                    from ..serialization import atomic_write_bytes
-
-                    weights = {k: v.contiguous() for k, v in weights.items()}
-                    atomic_write_bytes(best_path, lambda p, w=weights: save_file(w, str(p)))
+                save_best_weights(self.accelerator, self.model, self.best_path)
         state.epoch, state.batches_in_epoch = epoch + 1, 0
-        if not cfg.run.checkpoint_interval and epoch + 1 < cfg.train.epochs:
-            checkpoint()
-    progress.close()
-    state.train_seconds = time.perf_counter() - run_start
-    checkpoint()
+        if not self.cfg.run.checkpoint_interval and epoch + 1 < self.cfg.train.epochs:
+            self.checkpoint()
 
-    summary: dict[str, Any] = {
-        "model": cfg.model.name,
-        "method": cfg.sparsity.method,
-        "num_processes": world,
-        "epochs": cfg.train.epochs,
-        "total_steps": total_steps,
-        "wall_time_s": state.train_seconds,
-        "steps_per_s": total_steps / max(state.train_seconds, 1e-9),
-        "samples_per_s": total_steps * samples_per_step / max(state.train_seconds, 1e-9),
-        "best_val_top1": state.best_val_top1 if "val" in loaders else None,
-        "best_epoch": state.best_epoch if "val" in loaders else None,
-        "num_threads": threads.threads,
-        "num_threads_source": threads.source,
-        "num_workers": workers,
-        "data_path": "in_memory" if in_memory else "pil",
-    }
-    if sparsifier is not None:
-        summary |= {
-            "density": sparsifier.density,
-            "itop_rate": sparsifier.itop_rate,
-            "target_density": cfg.sparsity.density,
-        }
-    if "test" in loaders:
-        last = evaluate(model, loaders["test"], accelerator)
-        summary |= {
-            "test_top1_last": last["top1"],
-            "test_top5_last": last["top5"],
-            "test_loss_last": last["loss"],
-        }
-        if best_path.exists():
-            from safetensors.torch import load_file
+    def _log_eval(self, split: str, loader: Any) -> dict[str, float]:
+        state = self.state
+        result = evaluate(self.model, loader, self.accelerator)
+        record = {"event": "eval", "split": split, "epoch": state.epoch, "step": state.step, **result}
+        self.log.write(record)
+        if split == "val":
+            state.eval_history.append(record)
+        if self.cfg.run.tensorboard:
+            self.accelerator.log({f"{split}/{k}": v for k, v in result.items()}, step=state.step)
+        return result
 
-            unwrapped = accelerator.unwrap_model(model)
-            current = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
-            accelerator.wait_for_everyone()
-            load_full_state_dict(unwrapped, load_file(str(best_path)))
-            best = evaluate(model, loaders["test"], accelerator)
-            unwrapped.load_state_dict(current)
-            summary |= {"test_top1_best": best["top1"], "test_top5_best": best["top5"]}
-    if main:
-        log.write({"event": "summary", "step": state.step, **summary})
-    write_outputs(  # every rank: sharded masks and weights are gathered; rank 0 writes
-        cfg,
-        output,
-        accelerator.unwrap_model(model),
-        sparsifier,
-        state.itop_history,
-        log,
-        summary,
-        splits.class_names,
-        main,
-    )
-    accelerator.wait_for_everyone()
-    if cfg.run.tensorboard:
-        accelerator.end_training()
-    return summary
+    def checkpoint(self) -> None:
+        """A training checkpoint of this step (collective: every rank calls it)."""
+        state = self.state
+        state.train_seconds = time.perf_counter() - self.run_start
+        state.loss_window = loss_window_state(self.accelerator, self.loss_sum, self.loss_count)
+        with _not_training(self.sparsifier):
+            save_checkpoint(
+                self.accelerator, self.output, state.step, self.cfg.to_dict(), self.cfg.run.keep_checkpoints
+            )
+
+    # ------------------------------------------------------------------ finish
+    def finish(self) -> dict[str, Any]:
+        """The last checkpoint, the test evaluation (last and best weights), the run's outputs; returns
+        the summary."""
+        cfg, accelerator, state = self.cfg, self.accelerator, self.state
+        self.progress.close()
+        state.train_seconds = time.perf_counter() - self.run_start
+        self.checkpoint()
+        summary = self._summary()
+        if "test" in self.loaders:
+            last = evaluate(self.model, self.loaders["test"], accelerator)
+            summary |= {
+                "test_top1_last": last["top1"],
+                "test_top5_last": last["top5"],
+                "test_loss_last": last["loss"],
+            }
+            if self.best_path.exists():
+                best = evaluate_saved_weights(accelerator, self.model, self.best_path, self.loaders["test"])
+                summary |= {"test_top1_best": best["top1"], "test_top5_best": best["top5"]}
+        if self.main:
+            self.log.write({"event": "summary", "step": state.step, **summary})
+        write_outputs(  # every rank: sharded masks and weights are gathered; rank 0 writes
+            cfg,
+            self.output,
+            accelerator.unwrap_model(self.model),
+            self.sparsifier,
+            state.itop_history,
+            self.log,
+            summary,
+            self.splits.class_names,
+            self.main,
+        )
+        accelerator.wait_for_everyone()
+        if cfg.run.tensorboard:
+            accelerator.end_training()
+        return summary
+
+    def _summary(self) -> dict[str, Any]:
+        cfg, state, seconds = self.cfg, self.state, max(self.state.train_seconds, 1e-9)
+        validated = "val" in self.loaders
+        summary: dict[str, Any] = {
+            "model": cfg.model.name,
+            "method": cfg.sparsity.method,
+            "num_processes": self.accelerator.num_processes,
+            "epochs": cfg.train.epochs,
+            "total_steps": self.total_steps,
+            "wall_time_s": state.train_seconds,
+            "steps_per_s": self.total_steps / seconds,
+            "samples_per_s": self.total_steps * self.samples_per_step / seconds,
+            "best_val_top1": state.best_val_top1 if validated else None,
+            "best_epoch": state.best_epoch if validated else None,
+            "num_threads": self.threads.threads,
+            "num_threads_source": self.threads.source,
+            "num_workers": self.data.workers,
+            "data_path": "in_memory" if self.data.in_memory else "pil",
+        }
+        if self.sparsifier is not None:
+            summary |= {
+                "density": self.sparsifier.density,
+                "itop_rate": self.sparsifier.itop_rate,
+                "target_density": cfg.sparsity.density,
+            }
+        return summary

@@ -8,12 +8,15 @@ from typing import Any
 
 import torch
 
+from ..config import SparsityConfig
 from ..densities import sparse_parameter_shapes
+from ..sparsifier import Sparsifier
 from .builders import create_model, sparsity_config
 from .checkpointing import checkpoint_dir, list_checkpoints, read_checkpoint_config, resolve_resume
-from .config import TrainConfig, config_differences
+from .config import TrainConfig
 from .data import load_splits
 from .fsdp import check_fsdp_options
+from .resume import config_differences
 
 __all__ = ["InputError", "check_model_name", "preflight"]
 
@@ -31,17 +34,19 @@ def check_model_name(name: str) -> None:
         raise ValueError(f"unknown timm model {name!r}{hint}")
 
 
-def preflight(cfg: TrainConfig) -> tuple[Path | None, Any]:
+def preflight(cfg: TrainConfig) -> tuple[Path | None, Any, SparsityConfig | None]:
     """Validate everything that can be checked before training, writing nothing.
 
-    Returns (checkpoint folder to resume from or None, the loaded data splits).
+    Returns (checkpoint folder to resume from or None, the loaded data splits, the sparsity config the
+    architecture was checked with or None for a dense run: its structure rule is built and has traced
+    the model, so the run reuses it).
     """
     check_model_name(cfg.model.name)
     check_fsdp_options(cfg)
     if cfg.train.mixed_precision == "fp16" and (cfg.run.cpu or not torch.cuda.is_available()):
         raise ValueError("train.mixed_precision=fp16 needs a CUDA GPU (loss scaling); use bf16 on the CPU")
-    if not cfg.dense:
-        sparsity_config(cfg, total_steps=1)  # the method's defaults and options, validated
+    # the method's defaults and options, validated (total_steps is known once the data is prepared)
+    config = None if cfg.dense else sparsity_config(cfg, total_steps=1)
     if cfg.optim.opt.lower() in ("rmda", "proxsgd") and cfg.optim.weight_decay:
         raise ValueError(
             f"optim.opt={cfg.optim.opt} takes no weight decay (its weight_lambda regularises): set optim.weight_decay 0"
@@ -93,11 +98,9 @@ def preflight(cfg: TrainConfig) -> tuple[Path | None, Any]:
             f"no sparse tensor in {cfg.model.name} matches sparsity.include={sections['include']} "
             f"minus sparsity.exclude={sections['exclude']}"
         )
-    if not cfg.dense:  # a structure rule checks the architecture (chase: removable channel groups)
-        config = sparsity_config(cfg, total_steps=1)
-        rule = config.structure_rule()
-        if rule is not None:
-            rule.bind(
-                probe, sparse_parameter_shapes(probe, cfg.sparsity.include, cfg.sparsity.exclude), config
-            )
-    return resume, splits
+    if config is not None and config.structure_rule() is not None:
+        # the method's structure rule checks the architecture (chase: removable channel groups) when a
+        # sparsifier binds it: a throw-away one on the probe
+        with torch.random.fork_rng():
+            Sparsifier(probe, torch.optim.SGD(probe.parameters(), lr=0.0), config).remove()
+    return resume, splits, config

@@ -1,5 +1,6 @@
-"""What a run reports: evaluation, the JSON-lines metrics log, the masks' cross-rank check, and the
-files written at the end (plots, the sparse checkpoint, ``summary.json``)."""
+"""What a run reports: evaluation, the JSON-lines metrics log, the topology updates (a subscriber of the
+sparsifier's update hook, with the masks' cross-rank check), the best weights, and the files written
+at the end (plots, the sparse checkpoint, ``summary.json``)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,28 @@ import torch
 import torch.nn.functional as F
 
 from .. import plots
-from ..distributed import all_ranks_agree, is_sharded, masks_fingerprint
+from ..distributed import (
+    all_ranks_agree,
+    full_state_dict,
+    is_sharded,
+    load_full_state_dict,
+    masks_fingerprint,
+)
 from ..serialization import atomic_write_text
 from ..sparsifier import Sparsifier
 from .config import TrainConfig, published_config
-from .data import hub_dataset_id, resolve_data_config
+from .data import hub_dataset_id
+from .loaders import resolve_data_config
 
-__all__ = ["evaluate", "MetricsLog", "check_masks_identical", "write_outputs"]
+__all__ = [
+    "evaluate",
+    "MetricsLog",
+    "TopologyLog",
+    "check_masks_identical",
+    "save_best_weights",
+    "evaluate_saved_weights",
+    "write_outputs",
+]
 
 
 @torch.no_grad()
@@ -85,6 +101,73 @@ def check_masks_identical(sparsifier: Sparsifier, step: int) -> int:
             f"masks differ between ranks after the topology update at step {step}: fingerprints {values}"
         )
     return values[0]
+
+
+class TopologyLog:
+    """Subscriber of a sparsifier's topology updates (:meth:`~itop_timm.Sparsifier.register_update_hook`):
+    each becomes a ``topology_update`` record of the metrics log and, unless skipped, a point of the
+    R_s history, with the masks checked identical on every rank.
+
+    The hook runs inside ``optimizer.step()``; the records are written by :meth:`write` once the step
+    is complete (after the step's weight-averaging record, and with the collective mask check outside
+    the optimizer step).
+    """
+
+    def __init__(self, sparsifier: Sparsifier, ranks: int) -> None:
+        self.sparsifier = sparsifier
+        self.ranks = ranks
+        self._updates: list[dict[str, Any]] = []
+        self.handle = sparsifier.register_update_hook(lambda sp, stats: self._updates.append(stats))
+
+    def write(self, log: MetricsLog, step: int, epoch: int, itop_history: list[dict[str, Any]]) -> None:
+        """Log the updates of the optimizer step ``step`` (every rank: the mask check is collective)."""
+        for stats in self._updates:
+            update = {k: v for k, v in stats.items() if k != "layers"}
+            if "skipped" not in update:
+                update["mask_fingerprint"] = check_masks_identical(self.sparsifier, step)
+                update["ranks"] = self.ranks
+                itop_history.append({"step": step, "itop_rate": update["itop_rate"]})
+            log.write(
+                {
+                    "event": "topology_update",
+                    "epoch": epoch,
+                    **update,
+                    "sparsifier_step": update["step"],
+                    "step": step,
+                }
+            )
+        self._updates.clear()
+
+
+def save_best_weights(accelerator: Any, model: torch.nn.Module, path: Path) -> None:
+    """The (unwrapped) model's full weights as safetensors at ``path``, written atomically by the main
+    process (a sharded model is gathered on every rank)."""
+    unwrapped = accelerator.unwrap_model(model)
+    main = accelerator.is_main_process
+    if main or is_sharded(unwrapped):  # sharded: every rank gathers
+        weights = full_state_dict(unwrapped)
+    if main:
+        from safetensors.torch import save_file
+
+        from ..serialization import atomic_write_bytes
+
+        weights = {k: v.contiguous() for k, v in weights.items()}
+        atomic_write_bytes(path, lambda p, w=weights: save_file(w, str(p)))
+
+
+def evaluate_saved_weights(
+    accelerator: Any, model: torch.nn.Module, path: Path, loader: Any
+) -> dict[str, float]:
+    """:func:`evaluate` with the weights of ``path`` loaded; the model's own weights are put back."""
+    from safetensors.torch import load_file
+
+    unwrapped = accelerator.unwrap_model(model)
+    current = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
+    accelerator.wait_for_everyone()
+    load_full_state_dict(unwrapped, load_file(str(path)))
+    result = evaluate(model, loader, accelerator)
+    unwrapped.load_state_dict(current)
+    return result
 
 
 def write_outputs(

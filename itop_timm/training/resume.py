@@ -1,5 +1,9 @@
-"""What an exact resume needs beyond Accelerate's own state: the loss window between two log lines,
-and a loud failure when Accelerate cannot restore the random number generators.
+"""What an exact resume needs beyond Accelerate's own state: the loop's position (:class:`TrainState`),
+the same config (less the settings that cannot change the result), the loss window between two log
+lines, and a loud failure when Accelerate cannot restore the random number generators.
+
+A checkpoint stores its run's config; :func:`config_differences` lists what the resuming run changed,
+outside :data:`RESUME_MAY_DIFFER` (output, logging and loader settings), and the preflight refuses it.
 
 The loop logs the mean loss of the batches since the previous log line. A checkpoint taken between two
 log lines stores each process's partial window (sum and count), so the first line after a resume is
@@ -10,6 +14,8 @@ cannot be loaded and carries on; :func:`load_training_state` turns that into a :
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +24,79 @@ import torch
 from ..distributed import all_ranks_agree
 from ..serialization import CheckpointError
 
-__all__ = ["loss_window_state", "restore_loss_window", "load_training_state"]
+__all__ = [
+    "TrainState",
+    "RESUME_MAY_DIFFER",
+    "config_differences",
+    "loss_window_state",
+    "restore_loss_window",
+    "load_training_state",
+]
 
 _logger = logging.getLogger(__name__)
 
 _ACCELERATE_LOGGER = "accelerate.checkpointing"
 _RNG_FAILURE = "Could not load random states"
+
+#: keys that may change between a checkpoint and its resumption without changing the run's result.
+RESUME_MAY_DIFFER = frozenset(
+    {
+        "run.resume",
+        "run.overwrite",
+        "run.progress",
+        "run.tensorboard",
+        "run.log_interval",
+        "run.checkpoint_interval",
+        "run.keep_checkpoints",
+        "run.output_dir",
+        "data.num_workers",
+        "run.num_threads",
+        "data.eval_batch_size",
+        "data.data_dir",
+    }
+)
+
+
+def config_differences(
+    saved: Mapping[str, Any], current: Mapping[str, Any], ignore: frozenset[str] = RESUME_MAY_DIFFER
+) -> list[str]:
+    """``section.key: saved -> current`` for every setting that differs (except ``ignore``)."""
+    diffs = []
+    for section in sorted(set(saved) | set(current)):
+        a, b = saved.get(section) or {}, current.get(section) or {}
+        for key in sorted(set(a) | set(b)):
+            name = f"{section}.{key}"
+            if name not in ignore and a.get(key) != b.get(key):
+                diffs.append(f"{name}: {a.get(key)!r} -> {b.get(key)!r}")
+    return diffs
+
+
+@dataclass
+class TrainState:
+    """Where the loop is, and what it has seen (saved in every checkpoint)."""
+
+    epoch: int = 0
+    batches_in_epoch: int = 0  # dataloader batches of `epoch` already consumed
+    step: int = 0  # optimizer steps (synchronised gradient steps)
+    best_val_top1: float = -1.0
+    best_epoch: int = -1
+    train_seconds: float = 0.0
+    itop_history: list[dict[str, Any]] = field(default_factory=list)
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+    # per process: [loss sum, batch count] of the batches not yet logged (exact resume of the loss log)
+    loss_window: list[list[float]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for key in self.__dataclass_fields__:
+            if key == "loss_window" and key not in state:  # checkpoints of older itop_timm versions
+                _logger.warning("the checkpoint has no loss window: the first logged loss may differ")
+                state = {**state, key: []}
+            if key not in state:
+                raise ValueError(f"train state misses {key!r}")
+            setattr(self, key, state[key])
 
 
 def loss_window_state(accelerator: Any, loss_sum: torch.Tensor, loss_count: int) -> list[list[float]]:

@@ -13,7 +13,7 @@ batch is augmented on the training device after the transfer:
 Every random choice of sample ``i`` is a counter-based hash of ``(seed, epoch, i)`` computed with
 integer tensor ops, identical on the CPU and CUDA: the batch of a given (seed, epoch, step) is always
 the same, whatever the number of ranks, workers or resumptions. ``rrc`` crops and colour jitter stay
-on timm's PIL transforms (:mod:`itop_timm.training.data`).
+on timm's PIL transforms (:mod:`itop_timm.training.loaders`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .config import DataConfig, ModelConfig
+from .loaders import EpochAware
 
 __all__ = [
     "use_in_memory",
@@ -159,24 +161,18 @@ class BatchAugment:
         return self.normalize(out)
 
 
-class TensorImageDataset(Dataset):
+@dataclass(eq=False)
+class TensorImageDataset(EpochAware, Dataset):
     """A decoded split; batches are fetched whole (``__getitems__``).
 
     Training batches are ``(uint8 images, labels, indices)`` for :class:`BatchAugment` on the device;
     evaluation batches ``(normalised float images, labels)``.
     """
 
-    def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, augment: BatchAugment, *, train: bool
-    ) -> None:
-        self.images = images
-        self.labels = labels
-        self.augment = augment
-        self.train = train
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    images: torch.Tensor
+    labels: torch.Tensor
+    augment: BatchAugment
+    train: bool = field(kw_only=True)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -233,9 +229,9 @@ def device_batches(loader: Iterable[Any], train_set: Dataset, epoch: int) -> Ite
 def build_tensor_loaders(
     cfg: Any, splits: Any, model: torch.nn.Module, num_workers: int, pin_memory: bool = False
 ) -> tuple[TensorImageDataset, dict[str, DataLoader]]:
-    """The in-memory counterpart of ``loop._build_loaders``: every split decoded once, the train/val/
-    test(/bn) loaders over the tensors (``cfg`` is the whole :class:`~.config.TrainConfig`)."""
-    from .data import EpochShuffleSampler, resolve_data_config
+    """The in-memory counterpart of :func:`.builders.build_loaders`: every split decoded once, the
+    train/val/test(/bn) loaders over the tensors (``cfg`` is the whole :class:`~.config.TrainConfig`)."""
+    from .loaders import EpochShuffleSampler, resolve_data_config
 
     data_cfg = resolve_data_config(cfg.data, cfg.model, model)
     seed, size = cfg.train.seed, cfg.model.img_size

@@ -5,12 +5,22 @@ Everything here names the model (and, where known, the failing layer) in its err
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["model_label", "classifier_modules", "call_model", "run_example", "tracing_state", "build_graph"]
+__all__ = [
+    "model_label",
+    "classifier_modules",
+    "call_model",
+    "run_example",
+    "tracing_state",
+    "build_graph",
+    "check_input_size",
+    "MAX_TRACE_ELEMENTS",
+]
 
 
 def model_label(model: nn.Module) -> str:
@@ -127,3 +137,24 @@ def build_graph(model: nn.Module, example_inputs: Any) -> Any:
         raise ValueError(
             f"torch-pruning cannot trace {model_label(model)}: {type(err).__name__}: {err}"
         ) from err
+
+
+#: the most elements (C·H·W) a traced example input may have: 3 × 1024 × 1024. Tracing keeps every
+#: activation, so this bounds what an option or a checkpoint's metadata can make the tracer allocate.
+MAX_TRACE_ELEMENTS = 3 * 1024 * 1024
+
+
+def check_input_size(value: Any) -> list[int]:
+    """``value`` as an example input size ``[C, H, W]`` for tracing, else a ``ValueError`` saying what is
+    allowed (at most 4 positive integers, at most :data:`MAX_TRACE_ELEMENTS` elements in all)."""
+    if (
+        not isinstance(value, (list, tuple))
+        or not 1 <= len(value) <= 4
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in value)
+        or math.prod(value) > MAX_TRACE_ELEMENTS
+    ):
+        raise ValueError(
+            f"must be up to 4 positive integers such as [3, 224, 224], at most {MAX_TRACE_ELEMENTS} "
+            f"elements in all, got {value!r}"
+        )
+    return [int(s) for s in value]

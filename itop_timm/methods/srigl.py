@@ -21,19 +21,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .methods import MethodInfo, gradient_score, magnitude_score, register_method
-from .structure import LayerPlan, StructureRule, check_fraction
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from .config import SparsityConfig
-    from .methods import LayerView
+from ..structure import RuleContext, StructureRule, checked_budget
+from ..structured.dependency.tracing import classifier_modules
+from ..topology import LayerPlan, LayerView
+from ..validation import UNIT_INTERVAL, option
+from .base import MethodInfo, register_method
+from .scores import gradient_score, magnitude_score
 
 __all__ = ["SRigLRule"]
 
@@ -42,37 +40,31 @@ __all__ = ["SRigLRule"]
 class SRigLRule(StructureRule):
     """SRigL's structure: constant fan-in per alive row, rows ablated by salience."""
 
-    gamma_sal: float = field(
-        default=0.3,
-        metadata={
-            "help": "γ_sal in (0, 1]: rows with fewer than max(1, ⌊γ_sal·k0⌋) salient weights are "
-            "ablated (Lasby et al. 2024: 0.3 for CNNs, 0.95 for ViTs)"
-        },
+    gamma_sal: float = option(
+        "γ_sal in (0, 1]: rows with fewer than max(1, ⌊γ_sal·k0⌋) salient weights are ablated "
+        "(Lasby et al. 2024: 0.3 for CNNs, 0.95 for ViTs)",
+        0.3,
+        range=UNIT_INTERVAL,
     )
-    t_end_fraction: float = field(
-        default=0.75,
-        metadata={"help": "last topology update at this fraction of training, in (0, 1] (paper: 0.75)"},
+    t_end_fraction: float = option(
+        "last topology update at this fraction of training, in (0, 1] (paper: 0.75)",
+        0.75,
+        range=UNIT_INTERVAL,
     )
 
-    def __post_init__(self) -> None:
-        check_fraction("srigl", "gamma_sal", self.gamma_sal, low_open=True, high_open=False)
-        check_fraction("srigl", "t_end_fraction", self.t_end_fraction, low_open=True, high_open=False)
-        self._budget: dict[str, int] = {}
-        self._classifier: set[str] = set()
+    def bind(self, context: RuleContext) -> None:
+        head = {id(p) for module in classifier_modules(context.model) for p in module.parameters()}
+        params = context.model.named_parameters()
+        self._classifier = {name for name, p in params if id(p) in head} & set(context.shapes)
+        self._shapes = dict(context.shapes)
+        self._budget = dict(context.counts)
         self._ablated: dict[str, int] = {}
-
-    def bind(self, model: nn.Module, shapes: Mapping[str, tuple[int, ...]], config: SparsityConfig) -> None:
-        from .structured.dependency.tracing import classifier_modules  # timm's get_classifier()
-
-        head = {id(p) for module in classifier_modules(model) for p in module.parameters()}
-        self._classifier = {name for name, p in model.named_parameters() if id(p) in head} & set(shapes)
 
     def initial_mask(
         self, name: str, shape: tuple[int, ...], count: int, generator: torch.Generator
     ) -> torch.Tensor:
         """``⌊count / rows⌋`` (at least 1) random positions in every row (in ``count`` random rows when
         the layer has fewer active weights than rows)."""
-        self._budget[name] = count
         rows, fan_in = shape[0], math.prod(shape[1:])
         k = min(fan_in, max(1, count // rows))
         scores = torch.rand(rows, fan_in, generator=generator)
@@ -84,7 +76,7 @@ class SRigLRule(StructureRule):
         return mask.view(shape)
 
     def layer_plan(self, view: LayerView, rate: float, count: int) -> LayerPlan:
-        budget = self._budget.setdefault(view.name, count)
+        budget = self._budget[view.name]
         mask = view.mask.reshape(view.mask.shape[0], -1)
         rows, fan_in = mask.shape
         n_drop = min(math.ceil(rate * count), count)
@@ -117,6 +109,12 @@ class SRigLRule(StructureRule):
 
     def stats(self) -> dict[str, Any]:
         return {"ablated_rows": sum(self._ablated.values())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"budget": dict(self._budget)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._budget = checked_budget(state.get("budget", self._budget), self._shapes, "srigl")
 
 
 register_method(

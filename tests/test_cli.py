@@ -1,0 +1,175 @@
+"""The ``itop-timm`` command: ``train`` (the recipe), ``methods`` (an installed plugin's method listed too)
+and ``timm-train`` (timm's train.py with the sparse optimizers, resumed from its own checkpoint).
+
+``info`` and ``export`` on good and hostile checkpoints (``push`` is tested with the Hub server in
+test_hub.py, ``compact`` with compaction in test_compact.py and the recipe).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import test_recipe
+import torch
+import yaml
+from helpers import checkpoint_metadata, forge_metadata, load_is_identical, train_sparse, write_folder
+from test_checkpoint import deep_json
+from test_plugins import ROOT, write_entry_point_package
+from test_recipe import subprocess_env, tiny_config
+from test_timm_train import SCRIPT, SPARSE_ARGS, report, run
+
+from itop_timm import cli
+from itop_timm.checkpoint import CONFIG_FILE, load_sparse, save_sparse
+from itop_timm.serialization import CheckpointError
+
+tiny_data = test_recipe.tiny_data  # the recipe tests' module-scoped data set fixture
+
+
+def test_itop_timm_cli_train_and_methods(tiny_data, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "run", train={"epochs": 1})))
+    cmd = [sys.executable, "-m", "itop_timm.cli"]
+    result = subprocess.run(
+        [*cmd, "train", "--config", str(config)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["total_steps"] == 6
+    listing = subprocess.run(
+        [*cmd, "methods"], env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
+    assert listing.returncode == 0 and "rigl" in listing.stdout and "erk" in listing.stdout
+    assert (
+        subprocess.run(
+            [*cmd, "--help"], env=subprocess_env(), capture_output=True, text=True, timeout=300
+        ).returncode
+        == 0
+    )
+
+
+def test_cli_lists_an_installed_plugins_method(tmp_path):
+    write_entry_point_package(tmp_path, "itop_test_plugin_cli", "cli_plugin_method")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    out = subprocess.run(
+        [sys.executable, "-m", "itop_timm.cli", "methods"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "cli_plugin_method" in out.stdout and "a test plugin's method" in out.stdout
+
+
+def test_runner_trains_sparse_and_the_checkpoint_resumes_the_masks(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    out = run(
+        [sys.executable, "-m", "itop_timm.timm_train", str(SCRIPT), *SPARSE_ARGS, "--output", str(first)]
+    )
+    assert out.returncode == 0, out.stderr
+    r = report(first)
+    assert r["optimizer"] == "SGD" and r["step"] == 4 and r["update_interval"] == 2
+    assert r["density"] == pytest.approx(0.2, abs=1e-3) and r["itop_rate"] > r["density"]
+    state = torch.load(first / "last.pth", weights_only=True)["optimizer"]["itop_timm"]  # no pickle needed
+    assert state["step"] == 4
+    # the CLI spelling, resuming from the script's own checkpoint: masks, step and union continue
+    out = run(
+        [
+            sys.executable,
+            "-m",
+            "itop_timm.cli",
+            "timm-train",
+            str(SCRIPT),
+            *SPARSE_ARGS,
+            "--resume",
+            str(first / "last.pth"),
+            "--steps",
+            "1",
+            "--output",
+            str(second),
+        ]
+    )
+    assert out.returncode == 0, out.stderr
+    resumed = report(second)
+    assert resumed["step"] == 5 and resumed["itop_rate"] >= r["itop_rate"]
+    from itop_timm.distributed import masks_fingerprint
+
+    assert masks_fingerprint(list(state["masks"].values())) == r["fingerprint"]
+    assert resumed["fingerprint"] == r["fingerprint"]  # no topology update at step 5 (odd)
+
+
+# --------------------------------------------------------------------------- checkpoint commands
+def test_info_cli(tmp_path, capsys):
+    model, sp = train_sparse("resnet10t", 0.1)
+    save_sparse(model, sp, tmp_path / "ckpt")
+    assert cli.main(["info", str(tmp_path / "ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert "R_s" in out and "layer1.0.conv1.weight" in out and "rigl" in out
+    assert cli.main(["info", str(tmp_path / "missing")]) == 2
+    assert "no such checkpoint folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("depth", [40, 5_000, 200_000])
+def test_deeply_nested_json_is_a_checkpoint_error(saved_checkpoint, tmp_path, depth, capsys):
+    folder = write_folder(
+        tmp_path / "config", {**saved_checkpoint["files"], CONFIG_FILE: deep_json(depth).encode()}
+    )
+    with pytest.raises(CheckpointError, match=r"config.json: unreadable timm config \(nested"):
+        load_sparse(folder)
+    meta_text = json.dumps({**checkpoint_metadata(saved_checkpoint["files"]), "extra": "DEEP"}).replace(
+        '"DEEP"', deep_json(depth)
+    )
+    folder = write_folder(tmp_path / "meta", forge_metadata(saved_checkpoint["files"], meta_text))
+    with pytest.raises(CheckpointError, match=r"sparsity.safetensors: unreadable metadata JSON \(nested"):
+        load_sparse(folder)
+    assert cli.main(["info", str(folder)]) == 2  # a clean error, no traceback
+    assert "sparsity.safetensors: unreadable metadata JSON" in capsys.readouterr().err
+
+
+def test_export_onto_its_source_spelled_differently_is_refused(saved_checkpoint, tmp_path, capsys):
+    src = write_folder(tmp_path / "src", saved_checkpoint["files"])
+    for spelling in (f"{src}/", f"{src}/.", f"{tmp_path}/src/../src"):
+        assert cli.main(["export", str(src), spelling, "--compact"]) == 2
+        assert "different destination folder" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == saved_checkpoint["files"]
+    assert cli.main(["export", str(src), str(tmp_path / "other"), "--compact"]) == 0  # the neighbour
+    assert load_is_identical(tmp_path / "other", saved_checkpoint)
+
+
+def test_info_escapes_control_characters(saved_checkpoint, tmp_path, capsys):
+    hostile = "\x1b[2J\x1b[31mowned\nchecksum  : OK\r\u202e"
+    meta = checkpoint_metadata(saved_checkpoint["files"])
+    meta["dataset"] = hostile
+    meta["metrics"] = {hostile: hostile}
+    folder = write_folder(tmp_path / "ckpt", forge_metadata(saved_checkpoint["files"], json.dumps(meta)))
+    assert cli.main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out and "\u202e" not in out
+    assert "\\x1b[31mowned\\nchecksum  : OK" in out
+    assert not any(line.startswith("checksum") for line in out.splitlines())
+    assert cli.main(["info", str(folder), "--json"]) == 0
+    assert "\x1b" not in capsys.readouterr().out
+
+
+def test_nonfinite_weights_warn_at_save_and_in_info(tmp_path, caplog, capsys):
+    model, sp = train_sparse()
+    finite = save_sparse(model, sp, tmp_path / "finite")
+    assert "NaN/Inf" not in caplog.text
+    assert cli.main(["info", str(finite)]) == 0 and "NaN/Inf" not in capsys.readouterr().err
+    with torch.no_grad():
+        model.fc.bias[:2] = torch.tensor([float("nan"), float("inf")])
+    folder = save_sparse(model, sp, tmp_path / "nan")
+    assert "save_sparse: 2 NaN/Inf values in 1 tensor(s) (first: fc.bias)" in caplog.text
+    loaded, _, meta = load_sparse(folder)
+    assert meta["nonfinite"] == {"fc.bias": 2} and torch.isnan(loaded.fc.bias[0])
+    assert cli.main(["info", str(folder)]) == 0
+    captured = capsys.readouterr()
+    assert "WARNING: 2 NaN/Inf values in 1 tensor(s): fc.bias" in captured.err
+    assert "NaN/Inf values : 2 in 1 tensor(s)" in captured.out
