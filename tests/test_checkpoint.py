@@ -598,3 +598,12 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path, where):
     assert len(leftovers) == 1, leftovers  # the killed save's temporary folder
     save_sparse(model, sp, target)  # the next save of this checkpoint removes what the killed one left
     assert not list(tmp_path.glob(".ckpt.*")), sorted(p.name for p in tmp_path.glob(".ckpt.*"))
+
+
+def test_saved_metadata_keeps_the_format_s_key_names(saved_checkpoint):
+    from itop_timm.checkpoint.schema import META_SCHEMA
+
+    meta = checkpoint_metadata(saved_checkpoint["files"])
+    required = {key for key, (needed, _) in META_SCHEMA.items() if needed}
+    written = {"config_sha256", "num_classes", "step", "itop_rate", "target_density", "dataset"}
+    assert required | written <= set(meta)  # a renamed key would orphan every checkpoint already saved

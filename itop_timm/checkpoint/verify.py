@@ -50,7 +50,7 @@ def check_config(folder: Path, config: Mapping[str, Any], arch: str, meta: Mappi
         raise CheckpointError(
             f"{path}: num_classes {short(classes)} disagrees with {fmt.SPARSITY_FILE} ({meta['num_classes']})"
         )
-    recorded = meta.get("fmt.config_sha256")
+    recorded = meta.get("config_sha256")
     if recorded is None:
         _logger.warning("%s: saved by an older itop_timm, its model_args are not verified", path)
     elif fmt.config_sha256(config) != recorded:

@@ -67,7 +67,7 @@ def write_folder(
             model_config={"label_names": list(label_names)} if label_names else None,
             data_config=dict(data_config) if data_config else None,
         )
-        meta["fmt.config_sha256"] = fmt.config_sha256(_write_own_config(tmp / fmt.CONFIG_FILE))
+        meta["config_sha256"] = fmt.config_sha256(_write_own_config(tmp / fmt.CONFIG_FILE))
         # always written, dense models too: it holds the hashes of every tensor and of config.json
         sparsity: dict[str, torch.Tensor] = {
             f"{fmt.MASK_PREFIX}{n}": fmt.pack_mask(m) for n, m in masks.items()
