@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Range", "UNIT_INTERVAL", "UNSET", "is_int", "option", "check_options", "short_repr"]
+__all__ = ["Range", "UNIT_INTERVAL", "UNSET", "is_int", "is_number", "option", "check_options", "short_repr"]
 
 #: Marker in a field's metadata: the field has no library default (``None`` stays ``None``).
 UNSET = object()
@@ -27,8 +27,9 @@ def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+def is_number(value: object) -> bool:
+    """Whether ``value`` is an ``int`` or a ``float`` (``bool`` is not; NaN is)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class Range:
         """Whether ``value`` is allowed."""
         if value is None:
             return self.optional
-        if not (is_int(value) if self.kind is int else _is_number(value)):
+        if not (is_int(value) if self.kind is int else is_number(value) and not math.isnan(value)):
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
@@ -91,7 +92,7 @@ class Range:
 UNIT_INTERVAL = Range(float, 0, 1, low_open=True)
 
 
-def short_repr(value: Any, limit: int = 120) -> str:
+def short_repr(value: Any, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters (errors never print unbounded values)."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .schema import is_number
+from ..validation import is_number
 
 __all__ = ["model_card", "card_metadata"]
 

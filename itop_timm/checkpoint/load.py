@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..serialization import CheckpointError, parse_json, read_json_file, read_safetensors
+from ..validation import short_repr
 from .architecture import build_model
 from .format import (
     COMPACT_WEIGHTS_FILE,
@@ -27,7 +28,7 @@ from .format import (
     unpack_mask,
 )
 from .hub import download_checkpoint, is_hub_id
-from .schema import check_meta_types, short
+from .schema import check_meta_types
 from .verify import check_config, check_link, check_tensors, stored_float_dtype
 from .write import recover_interrupted_save
 
@@ -56,7 +57,7 @@ def read_sparse_metadata(folder: str | os.PathLike) -> tuple[dict[str, Any], dic
         raise CheckpointError(f"{path}: not an itop_timm sparse checkpoint")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
-            f"{path}: format version {short(meta.get('format_version'))}, this itop_timm reads {FORMAT_VERSION}"
+            f"{path}: format version {short_repr(meta.get('format_version'))}, this itop_timm reads {FORMAT_VERSION}"
         )
     expected = meta.get("sparsity_sha256")
     if not isinstance(expected, dict) or set(expected) != set(tensors):
@@ -78,7 +79,7 @@ def _read_config(folder: Path) -> tuple[dict[str, Any], str]:
         raise CheckpointError(f"{path}: unreadable timm config (a JSON object is expected)")
     arch = config.get("architecture")
     if not isinstance(arch, str):
-        raise CheckpointError(f"{path}: 'architecture' must be a string, got {short(arch)}")
+        raise CheckpointError(f"{path}: 'architecture' must be a string, got {short_repr(arch)}")
     return config, arch
 
 

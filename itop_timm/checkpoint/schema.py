@@ -7,25 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from ..serialization import CheckpointError
+from ..validation import is_int, is_number, short_repr
 from .architecture import ARCHITECTURE_KEY
 
-__all__ = ["META_SCHEMA", "check_meta_types", "is_int", "is_number", "short"]
-
-
-def short(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters (hostile metadata can be huge)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def is_int(value: Any) -> bool:
-    """An ``int`` that is not a ``bool``."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    """An ``int`` or ``float`` that is not a ``bool``."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+__all__ = ["META_SCHEMA", "check_meta_types"]
 
 
 def _is_optional_number(value: Any) -> bool:
@@ -82,4 +67,4 @@ def check_meta_types(meta: Mapping[str, Any], path: Path) -> None:
             if required:
                 raise CheckpointError(f"{path}: invalid metadata: {key!r} is missing")
         elif not check(meta[key]):
-            raise CheckpointError(f"{path}: invalid metadata: {key!r} = {short(meta[key])}")
+            raise CheckpointError(f"{path}: invalid metadata: {key!r} = {short_repr(meta[key])}")

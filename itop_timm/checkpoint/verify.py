@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ..serialization import CheckpointError
+from ..validation import short_repr
 from . import format as fmt
-from .schema import short
 
 __all__ = ["check_link", "check_config", "stored_float_dtype", "check_tensors"]
 
@@ -48,7 +48,7 @@ def check_config(folder: Path, config: Mapping[str, Any], arch: str, meta: Mappi
     classes = config.get("num_classes")
     if meta.get("num_classes") is not None and classes != meta["num_classes"]:
         raise CheckpointError(
-            f"{path}: num_classes {short(classes)} disagrees with {fmt.SPARSITY_FILE} ({meta['num_classes']})"
+            f"{path}: num_classes {short_repr(classes)} disagrees with {fmt.SPARSITY_FILE} ({meta['num_classes']})"
         )
     recorded = meta.get("config_sha256")
     if recorded is None:

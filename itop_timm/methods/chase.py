@@ -30,6 +30,7 @@ import torch
 
 from ..densities import active_counts, compute_layer_densities
 from ..distributed import broadcast_masks, full_tensor, is_sharded
+from ..masks import validate_masks
 from ..structure import RuleContext, StructureRule, checked_budget
 from ..structured.dependency.tracing import check_input_size
 from ..structured.dependency.units import (
@@ -84,7 +85,6 @@ class ChaseRule(StructureRule):
     def __post_init__(self) -> None:
         self._traced: dict[tuple, list[ChannelUnit]] = {}  # shared by copies: one trace per architecture
 
-    # ----------------------------------------------------------------- set-up
     def bind(self, context: RuleContext) -> None:
         if context.total_steps is None:
             raise ValueError(
@@ -121,7 +121,6 @@ class ChaseRule(StructureRule):
             self._removal_steps = {s for s in steps if 1 <= s <= self._end} | {self._end}
         self._refresh()
 
-    # -------------------------------------------------------------- schedule
     def removed_fraction(self, step: int) -> float:
         """S_c(t): the cubic schedule's target fraction of removed channels at ``step``."""
         t = min(step, self._end) / self._end
@@ -176,7 +175,6 @@ class ChaseRule(StructureRule):
         densities = compute_layer_densities(effective, min(1.0, budget / room), self._distribution)
         self._targets = active_counts(effective, densities)
 
-    # ---------------------------------------------------------------- update
     def layer_plan(self, view: LayerView, rate: float, count: int) -> LayerPlan:
         return LayerPlan(allowed=self._allowed.get(view.name), count=self._targets.get(view.name, count))
 
@@ -190,21 +188,10 @@ class ChaseRule(StructureRule):
         return {"alive": {name: a.clone() for name, a in self.alive.items()}, "budget": dict(self._budget)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        alive = state.get("alive")
-        expected = {u.name: u.num_channels for u in self.units}
-        if (
-            not isinstance(alive, Mapping)
-            or set(alive) != set(expected)
-            or any(
-                not isinstance(alive[n], torch.Tensor) or alive[n].shape != (expected[n],) for n in expected
-            )
-        ):
-            raise ValueError(
-                f"chase: the saved alive channels do not match this model's groups {sorted(expected)[:3]}..."
-            )
-        budget = checked_budget(state.get("budget", self._budget), self._shapes, "chase")
-        self.alive = {n: alive[n].to(torch.bool).clone() for n in expected}
-        self._budget = budget
+        sizes = {u.name: (u.num_channels,) for u in self.units}
+        alive = validate_masks(state.get("alive"), sizes, what="chase: the saved alive channels")
+        self._budget = checked_budget(state.get("budget", self._budget), self._shapes, "chase")
+        self.alive = {name: a.clone() for name, a in alive.items()}
         self._refresh()
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import SparseState, load_sparse, register_architecture_rebuilder, save_sparse
+from ..validation import is_int
 from .compact import HISTORY_ATTR, check_tol, compact
 from .dependency import build_graph, check_input_size, model_label, tracing_state
 
@@ -38,7 +39,7 @@ def _check_structured(structured_meta: Any) -> tuple[list[list[Any]], list[int]]
             or not isinstance(entry[0], str)
             or not isinstance(entry[1], bool)
             or not isinstance(entry[2], (list, tuple))
-            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in entry[2])
+            or not all(is_int(i) and i >= 0 for i in entry[2])
         ):
             raise ValueError(f"structured metadata: bad history entry {entry!r}")
     return [[e[0], e[1], list(e[2])] for e in history], size

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...validation import is_int
+
 __all__ = [
     "model_label",
     "classifier_modules",
@@ -150,7 +152,7 @@ def check_input_size(value: Any) -> list[int]:
     if (
         not isinstance(value, (list, tuple))
         or not 1 <= len(value) <= 4
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in value)
+        or not all(is_int(s) and s >= 1 for s in value)
         or math.prod(value) > MAX_TRACE_ELEMENTS
     ):
         raise ValueError(
