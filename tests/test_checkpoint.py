@@ -607,3 +607,27 @@ def test_saved_metadata_keeps_the_format_s_key_names(saved_checkpoint):
     required = {key for key, (needed, _) in META_SCHEMA.items() if needed}
     written = {"config_sha256", "num_classes", "step", "itop_rate", "target_density", "dataset"}
     assert required | written <= set(meta)  # a renamed key would orphan every checkpoint already saved
+
+
+def test_a_save_never_replaces_a_folder_that_is_not_a_checkpoint(tmp_path):
+    from itop_timm.structured import compact_checkpoint
+
+    model, sp = train_sparse()
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    source = save_sparse(model, sp, run / "model")  # a new folder: fine
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for target in (run, run / "metrics.jsonl"):
+        with pytest.raises(ValueError, match="not a checkpoint folder|is not a folder"):
+            save_sparse(model, sp, target)
+        with pytest.raises(ValueError, match="not a checkpoint folder|is not a folder"):
+            compact_checkpoint(source, target)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert (run / "metrics.jsonl").read_text() == "{}\n"
+    save_sparse(model, sp, run / "model")  # the neighbours: over a checkpoint folder, into an empty one
+    (tmp_path / "empty").mkdir()
+    save_sparse(model, sp, tmp_path / "empty")
+    for folder in (run / "model", tmp_path / "empty"):
+        _, masks, _ = load_sparse(folder)
+        assert all(torch.equal(masks[name], mask) for name, mask in sp.masks.items())

@@ -173,3 +173,13 @@ def test_nonfinite_weights_warn_at_save_and_in_info(tmp_path, caplog, capsys):
     captured = capsys.readouterr()
     assert "WARNING: 2 NaN/Inf values in 1 tensor(s): fc.bias" in captured.err
     assert "NaN/Inf values : 2 in 1 tensor(s)" in captured.out
+
+
+def test_export_into_the_run_folder_holding_its_source_is_refused(saved_checkpoint, tmp_path, capsys):
+    run = tmp_path / "run"
+    src = write_folder(run / "model", saved_checkpoint["files"])
+    (run / "metrics.jsonl").write_text("{}\n")
+    assert cli.main(["export", str(src), str(run), "--compact"]) == 2
+    assert "not a checkpoint folder" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == "{}\n"
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == saved_checkpoint["files"]

@@ -27,7 +27,7 @@ from .format import (
     float_dtypes,
     tensor_sha256,
 )
-from .write import write_folder
+from .write import check_replaceable, write_folder
 
 __all__ = ["save_sparse", "nonfinite_counts"]
 
@@ -125,6 +125,7 @@ def save_sparse(
     """
     model = unwrap_model(model)
     arch = timm_architecture(model, model_name)
+    check_replaceable(Path(directory))  # before any work: a save replaces the whole folder
     masks, union, info = _collect_masks(model, sparsifier_or_masks)
     try:
         json.dumps(dict(extra_metadata or {}))

@@ -15,10 +15,11 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from ..serialization import atomic_directory
+from ..validation import short_repr
 from . import format as fmt
 from .card import model_card
 
-__all__ = ["write_folder", "recover_interrupted_save"]
+__all__ = ["write_folder", "recover_interrupted_save", "check_replaceable"]
 
 _logger = logging.getLogger(__name__)
 
@@ -105,3 +106,19 @@ def recover_interrupted_save(directory: Path) -> Path:
         os.replace(old, directory)
         _logger.warning("restored %s from an interrupted save", directory)
     return directory
+
+
+def check_replaceable(directory: Path) -> None:
+    """Refuse, before any work, to write a checkpoint over anything but a new folder, an empty one or a
+    checkpoint folder: a save replaces the whole folder, so a run folder, a data folder or a file there
+    would be lost."""
+    if not directory.exists() and not directory.is_symlink():
+        return
+    if not directory.is_dir():
+        raise ValueError(f"{directory} exists and is not a folder: save the checkpoint into a folder")
+    names = sorted(p.name for p in directory.iterdir())
+    if names and (fmt.SPARSITY_FILE not in names or set(names) - set(fmt.CHECKPOINT_FILES)):
+        raise ValueError(
+            f"{directory} is not a checkpoint folder (it holds {short_repr(names[:6])}); a save replaces the "
+            "whole folder, so it is refused: choose a new or empty folder, or an existing checkpoint folder"
+        )
