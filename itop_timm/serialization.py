@@ -13,6 +13,7 @@ import contextlib
 import glob
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -78,15 +79,19 @@ def parse_json(text: str | bytes, source: str | os.PathLike, what: str = "JSON")
 
 
 def read_json_file(path: str | os.PathLike, what: str = "JSON") -> Any:
-    """Read and parse a JSON file with :func:`parse_json`; a missing or oversized file raises
-    :class:`CheckpointError` naming it."""
+    """Read and parse a JSON file with :func:`parse_json`; a missing file, one that is not a regular file
+    (a FIFO would block, ``/dev/zero`` never ends) or one over :data:`MAX_JSON_BYTES` raises
+    :class:`CheckpointError` naming it, without reading more than that bound."""
     path = Path(path)
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise CheckpointError(f"{path}: {what} larger than {MAX_JSON_BYTES} bytes")
-        data = path.read_bytes()
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise CheckpointError(f"{path}: {what} is not a regular file")
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
     except OSError as err:
         raise CheckpointError(f"{path}: cannot read {what} ({type(err).__name__}: {err})") from err
+    if len(data) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: {what} larger than {MAX_JSON_BYTES} bytes")
     return parse_json(data, path, what)
 
 

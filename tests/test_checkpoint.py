@@ -631,3 +631,31 @@ def test_a_save_never_replaces_a_folder_that_is_not_a_checkpoint(tmp_path):
     for folder in (run / "model", tmp_path / "empty"):
         _, masks, _ = load_sparse(folder)
         assert all(torch.equal(masks[name], mask) for name, mask in sp.masks.items())
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+def test_a_config_json_that_is_no_regular_file_is_a_checkpoint_error_not_a_hang(
+    saved_checkpoint, tmp_path, kind
+):
+    import threading
+
+    folder = write_folder(
+        tmp_path / "ckpt", {k: v for k, v in saved_checkpoint["files"].items() if k != CONFIG_FILE}
+    )
+    if kind == "fifo":
+        os.mkfifo(folder / CONFIG_FILE)
+    else:
+        (folder / CONFIG_FILE).symlink_to("/dev/zero")
+    outcome: list = []
+
+    def load() -> None:
+        try:
+            load_sparse(folder)
+        except CheckpointError as err:
+            outcome.append(err)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "load_sparse blocked on config.json"
+    assert outcome and "config.json: timm config is not a regular file" in str(outcome[0])
