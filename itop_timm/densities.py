@@ -24,7 +24,6 @@ from .registry import DISTRIBUTIONS
 from .validation import UNIT_INTERVAL
 
 __all__ = [
-    "validate_density",
     "sparse_parameter_shapes",
     "compute_layer_densities",
     "layer_densities",
@@ -36,11 +35,6 @@ __all__ = [
 
 Shape = Sequence[int]
 DistributionFn = Callable[[Mapping[str, Shape], float], dict[str, float]]
-
-
-def validate_density(density: object, what: str = "density") -> float:
-    """Return ``density`` as a float, or raise ``ValueError`` unless it is a number in (0, 1]."""
-    return UNIT_INTERVAL.check(what, density)
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -158,7 +152,7 @@ def compute_layer_densities(
 
     Raises ``ValueError`` for a density outside (0, 1], an unknown distribution or no tensors.
     """
-    density = validate_density(density)
+    density = UNIT_INTERVAL.check("density", density)
     fn = DISTRIBUTIONS.get(distribution)
     if not shapes:
         raise ValueError("no sparse tensors: nothing to compute densities for")

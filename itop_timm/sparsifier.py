@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -103,7 +102,7 @@ class Sparsifier:
             self.target_densities = {name: counts[name] / m.numel() for name, m in given.items()}
             # the given masks define the density (the `density` argument is not used)
             realised = sum(counts.values()) / sum(m.numel() for m in given.values())
-            self.config = config = dataclasses.replace(config, density=realised)
+            self.config = config = config.replace(density=realised)
         else:
             self.target_densities = compute_layer_densities(shapes, config.density, config.distribution)
             counts = active_counts(shapes, self.target_densities)
