@@ -16,6 +16,7 @@ bench:
 
 bench-full: bench
 	$(PY) benchmarks/accuracy_vs_density.py --train-samples 10000 --update-interval 25
+	$(PY) benchmarks/sparse_compute.py --reuse-runs
 	$(PY) benchmarks/averaging.py
 	$(PY) benchmarks/structured.py
 	$(PY) benchmarks/condense.py
@@ -32,3 +33,4 @@ bench-quick:
 	$(PY) benchmarks/averaging.py --quick
 	$(PY) benchmarks/structured.py --quick
 	$(PY) benchmarks/condense.py --quick
+	$(PY) benchmarks/sparse_compute.py --quick

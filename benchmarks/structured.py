@@ -112,7 +112,7 @@ def run_config(
         seed=seed,
         method=extra.get("method", "dense"),
         density=0.1,
-        update_interval=25,
+        update_interval=args.update_interval,
         eval_samples=eval_limit,
     )
     if "options" in extra:
@@ -152,6 +152,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rmda-lr", type=float, default=0.5)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument(
+        "--update-interval", type=int, default=25, help="ΔT: optimizer steps between topology updates"
+    )
     parser.add_argument("--train-samples", type=int, default=10000)
     parser.add_argument(
         "--reps", type=int, default=20, help="timed forward passes per model at 28 px, batch 1"
@@ -168,6 +171,7 @@ def main() -> None:
     if args.quick:
         args.lambdas, args.channel_sparsities, args.layer_ranked, args.seeds = [1e-2], [0.5], [], [0]
         args.epochs, args.train_samples, args.reps, eval_limit = 2, 512, 3, 500
+        args.update_interval = 2  # 8 steps: chase's channel removal needs a topology update after it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     tag = "structured" + ("_quick" if args.quick else "")
     start = time.time()

@@ -13,7 +13,8 @@ write with timm and Accelerate::
     sp.density, sp.itop_rate   # realised density, R_s (fraction of sparse weights ever active)
 
 Importing the package also registers sparse optimizers (``rigl_sgd``, ``set_adamw``, ...) with timm's
-``create_optimizer_v2``.
+``create_optimizer_v2`` (when ``timm.optim`` is imported, before or after). The public names are
+imported on first access, so ``import itop_timm`` itself loads neither torch nor timm.
 
 Where each concept lives (lower layers first; a module imports only from the layers below it):
 
@@ -35,30 +36,97 @@ Where each concept lives (lower layers first; a module imports only from the lay
   ``training/`` (the recipe: options engine, config sections, preflight, loop), ``cli``, ``timm_train``.
 """
 
-from . import averaging, methods, structured
-from . import timm_optimizers as _timm_optimizers
-from .checkpoint import SparseState, export_checkpoint, load_sparse, save_sparse
-from .config import SPARSIFY_DEFAULTS, SparsityConfig
-from .densities import (
-    compute_layer_densities,
-    layer_densities,
-    register_distribution,
-    sparse_parameter_shapes,
-)
-from .factory import sparsify
-from .hub import push_to_hub
-from .masking import GRADIENT_MASKED_OPTIMIZERS
-from .methods import MethodInfo, get_method, register_method
-from .plugins import load_plugins
-from .registry import list_distributions, list_methods, list_schedules
-from .schedules import ScheduleInfo, create_schedule, register_schedule
-from .serialization import CheckpointError
-from .sparsifier import Sparsifier
-from .structure import RuleContext, StructureRule
-from .topology import LayerPlan, LayerView
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._post_import import call_after_import
 from .version import __version__
 
-_timm_optimizers.install()
+if TYPE_CHECKING:
+    from . import averaging, methods, structured
+    from .checkpoint import SparseState, export_checkpoint, load_sparse, save_sparse
+    from .config import SPARSIFY_DEFAULTS, SparsityConfig
+    from .densities import (
+        compute_layer_densities,
+        layer_densities,
+        register_distribution,
+        sparse_parameter_shapes,
+    )
+    from .factory import sparsify
+    from .hub import push_to_hub
+    from .masking import GRADIENT_MASKED_OPTIMIZERS
+    from .methods import MethodInfo, get_method, register_method
+    from .plugins import load_plugins
+    from .registry import list_distributions, list_methods, list_schedules
+    from .schedules import ScheduleInfo, create_schedule, register_schedule
+    from .serialization import CheckpointError
+    from .sparsifier import Sparsifier
+    from .structure import RuleContext, StructureRule
+    from .topology import LayerPlan, LayerView
+
+#: public name -> the submodule that defines it (imported on first access, so ``import itop_timm`` and
+#: the command lines' ``--help`` cost no torch import)
+_LAZY = {
+    "averaging": ".averaging",
+    "methods": ".methods",
+    "structured": ".structured",
+    "SparseState": ".checkpoint",
+    "export_checkpoint": ".checkpoint",
+    "load_sparse": ".checkpoint",
+    "save_sparse": ".checkpoint",
+    "SPARSIFY_DEFAULTS": ".config",
+    "SparsityConfig": ".config",
+    "compute_layer_densities": ".densities",
+    "layer_densities": ".densities",
+    "register_distribution": ".densities",
+    "sparse_parameter_shapes": ".densities",
+    "sparsify": ".factory",
+    "push_to_hub": ".hub",
+    "GRADIENT_MASKED_OPTIMIZERS": ".masking",
+    "MethodInfo": ".methods",
+    "get_method": ".methods",
+    "register_method": ".methods",
+    "load_plugins": ".plugins",
+    "list_distributions": ".registry",
+    "list_methods": ".registry",
+    "list_schedules": ".registry",
+    "ScheduleInfo": ".schedules",
+    "create_schedule": ".schedules",
+    "register_schedule": ".schedules",
+    "CheckpointError": ".serialization",
+    "Sparsifier": ".sparsifier",
+    "RuleContext": ".structure",
+    "StructureRule": ".structure",
+    "LayerPlan": ".topology",
+    "LayerView": ".topology",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The public names, each imported from its module on first access (then cached here)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    imported = importlib.import_module(module, __name__)
+    value = imported if module == f".{name}" else getattr(imported, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+def _install_timm_optimizers() -> None:
+    from .timm_optimizers import install
+
+    install()
+
+
+# the sparse optimizer names in timm's registry: now if timm.optim is imported, else when it is
+call_after_import("timm.optim", _install_timm_optimizers)
 
 __all__ = [
     "__version__",

@@ -125,17 +125,55 @@ def _cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the schedule settings ``itop-timm methods`` shows per method: (column, SparsityConfig field)
+_METHOD_COLUMNS = (
+    ("ΔT", "update_interval"),
+    ("p0", "prune_rate"),
+    ("final", "final_prune_rate"),
+    ("schedule", "prune_schedule"),
+)
+
+
+def _method_row(info: Any, library: Any) -> tuple[str, ...]:
+    """One row of the method table: each schedule setting the method runs with when left unset, the
+    method's own default marked ``*`` (a static method has none: ``-``), and its description."""
+    cells = []
+    for _, key in _METHOD_COLUMNS:
+        if not info.dynamic:
+            cells.append("-")
+        elif key in info.defaults:
+            cells.append(f"{info.defaults[key]}*")
+        else:
+            cells.append(str(library[key]))
+    return (info.name, *cells, info.description)
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
+    from .config import SPARSIFY_DEFAULTS
     from .registry import DISTRIBUTIONS, METHODS, SCHEDULES
     from .structure import describe_options
 
-    _print_table([(n, METHODS.get(n).description) for n in METHODS.names()], ("method", "description"))
-    for name in METHODS.names():
-        rule = METHODS.get(name).structure
-        if rule is not None:
-            print(f"\n{name} method_options:")
-            for option, (default, help_) in describe_options(rule).items():
-                print(f"  {option} (default: {default!r}): {help_}")
+    infos = [METHODS.get(n) for n in METHODS.names()]
+    header = ("method", *(column for column, _ in _METHOD_COLUMNS), "description")
+    _print_table([_method_row(info, SPARSIFY_DEFAULTS) for info in infos], header)
+    print(
+        "\n* the method's own default (MethodInfo.defaults); unmarked: the library's (SPARSIFY_DEFAULTS).\n"
+        "ΔT = update_interval, p0 = prune_rate, final = final_prune_rate, schedule = prune_schedule;\n"
+        "a value you set (sparsify(..., update_interval=...), --sparsity.update_interval ...) wins."
+    )
+    shown = {key for _, key in _METHOD_COLUMNS}
+    for info in infos:
+        others = {k: v for k, v in info.defaults.items() if k not in shown}
+        if others:
+            listed = ", ".join(f"{k}={v!r}" for k, v in others.items())
+            print(_clean(f"{info.name} also defaults: {listed}"))
+    library = ", ".join(f"{k}={v!r}" for k, v in SPARSIFY_DEFAULTS.items() if k not in shown)
+    print(f"library defaults of the other settings: {library}")
+    for info in infos:
+        if info.structure is not None:
+            print(f"\n{info.name} method_options:")
+            for option, (default, help_) in describe_options(info.structure).items():
+                print(_clean(f"  {option} (default: {default!r}): {help_}"))
     print()
     print("distributions:", ", ".join(DISTRIBUTIONS.names()))
     print("prune-rate schedules:", ", ".join(SCHEDULES.names()))
@@ -147,7 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="itop-timm",
         description="Sparse training for timm models (ITOP dynamic sparse training, RMDA, weight averaging).",
     )
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        help="Python logging level: DEBUG, INFO, WARNING, ERROR (default: %(default)s)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser(
@@ -159,37 +201,60 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
 
-    p = sub.add_parser("info", help="summarise a sparse checkpoint (folder or hf-hub:org/name)")
-    p.add_argument("checkpoint")
+    p = sub.add_parser(
+        "info",
+        help="summarise a sparse checkpoint (folder or hf-hub:org/name)",
+        description="Verify a checkpoint and print its method, density, R_s, metrics and per-layer table.",
+    )
+    p.add_argument("checkpoint", help="checkpoint folder (e.g. runs/<name>/model) or hf-hub:org/name")
     p.add_argument("--json", action="store_true", help="print the metadata as JSON")
     p.add_argument("--no-layers", action="store_true", help="omit the per-layer table")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("export", help="re-save a checkpoint dense (plain-timm loadable) or compact")
-    p.add_argument("checkpoint")
-    p.add_argument("output")
+    p = sub.add_parser(
+        "export",
+        help="re-save a checkpoint dense (plain-timm loadable) or compact",
+        description=(
+            "Verify a checkpoint and write it to a new folder: dense by default (model.safetensors,\n"
+            "which plain timm loads: timm.create_model('local-dir:OUT', pretrained=True)), or with\n"
+            "--compact as nonzero values + bit masks, which only itop_timm loads. A compact checkpoint\n"
+            "becomes plain-timm loadable again by exporting it without --compact."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="source: checkpoint folder or hf-hub:org/name")
+    p.add_argument("output", help="destination folder (new, or an earlier checkpoint folder to replace)")
     p.add_argument(
         "--compact",
         action="store_true",
-        help="nonzero values + bit masks (~0.13x the dense size at 90%% sparsity)",
+        help="nonzero values + bit masks (~0.13x the dense size at 90%% sparsity); "
+        "loads with itop_timm only, not plain timm",
     )
     p.add_argument(
         "--no-union", action="store_true", help="leave out the union (R_s) masks: an inference export"
     )
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("push", help="verify a checkpoint folder and upload it to the Hugging Face Hub")
-    p.add_argument("checkpoint")
-    p.add_argument("repo_id", help="org/name")
-    p.add_argument("--private", action="store_true")
+    p = sub.add_parser(
+        "push",
+        help="verify a checkpoint folder and upload it to the Hugging Face Hub",
+        description="Verify a checkpoint folder (as itop_timm.load_sparse does) and upload all its files "
+        "to a Hub model repository in one commit; the model card's load snippets name the repository.",
+    )
+    p.add_argument("checkpoint", help="checkpoint folder to upload")
+    p.add_argument("repo_id", help="Hub repository id, org/name (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
     p.add_argument("--token", default=None, help="Hub token (default: the logged-in token / HF_TOKEN)")
     p.set_defaults(func=_cmd_push)
 
     p = sub.add_parser(
-        "compact", help="remove all-zero channels with torch-pruning into a smaller dense model"
+        "compact",
+        help="remove all-zero channels with torch-pruning into a smaller dense model",
+        description="Slice every all-zero (or masked) channel group out of a checkpoint with torch-pruning, "
+        "check that the outputs are unchanged and save the smaller model (load it with itop_timm.load_sparse).",
     )
-    p.add_argument("checkpoint")
-    p.add_argument("output")
+    p.add_argument("checkpoint", help="source: checkpoint folder or hf-hub:org/name")
+    p.add_argument("output", help="destination folder of the compacted checkpoint")
     p.add_argument(
         "--input-size",
         type=int,
@@ -198,11 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="C H W of the example input (default: from config.json)",
     )
     p.add_argument(
-        "--tol", type=float, default=0.0, help="channels whose weights all have |w| <= tol count as zero"
+        "--tol",
+        type=float,
+        default=0.0,
+        help="channels whose weights all have |w| <= tol count as zero (default: %(default)s)",
     )
     p.set_defaults(func=_cmd_compact)
 
-    p = sub.add_parser("methods", help="list registered sparse-training methods, distributions and schedules")
+    p = sub.add_parser(
+        "methods",
+        help="list registered sparse-training methods, distributions and schedules",
+        description="List every registered sparse-training method (installed plugins included) with the "
+        "schedule it runs with when left unset (ΔT, prune rate p0, final rate, schedule; the method's own "
+        "defaults marked *), each structured method's method_options with their defaults, and the "
+        "registered layer-density distributions and prune-rate schedules.",
+    )
     p.set_defaults(func=_cmd_methods)
     return parser
 
@@ -226,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
         level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from .hub import HubError
     from .plugins import load_plugins
     from .serialization import CheckpointError
 
@@ -235,6 +311,9 @@ def main(argv: Sequence[str] | None = None) -> Any:
     except (CheckpointError, ValueError) as err:
         print(f"itop-timm {args.command}: error: {_clean(err)}", file=sys.stderr)
         return 2
+    except HubError as err:  # the input was fine; the Hub could not be reached or refused
+        print(f"itop-timm {args.command}: error: {_clean(err)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

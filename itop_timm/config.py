@@ -17,10 +17,11 @@ from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any
 
+from .kernels.modes import COMPUTE_MODES
 from .registry import DISTRIBUTIONS, METHODS, SCHEDULES
 from .schedules import create_schedule
 from .structure import StructureRule, build_rule, check_rule_options
-from .validation import UNIT_INTERVAL, UNSET, Range, check_options, option, short_repr
+from .validation import SEED, UNIT_INTERVAL, UNSET, Range, check_options, option, short_repr
 
 __all__ = ["SparsityConfig", "SPARSIFY_DEFAULTS", "option", "UNSET"]
 
@@ -73,13 +74,19 @@ class SparsityConfig:
         range=Range(int, 0, optional=True),
     )
     seed: int | None = option(
-        "seed of the initial masks and every random choice", library_default=0, range=Range(int)
+        "seed of the initial masks and every random choice", library_default=0, range=SEED
     )
     include: tuple[str, ...] | None = option(
         "fnmatch patterns of the sparse tensors (None: every conv/linear weight)", check=_patterns
     )
     exclude: tuple[str, ...] | None = option(
         "fnmatch patterns of tensors kept dense", library_default=(), check=_patterns
+    )
+    compute: str = option(
+        "how sparse layers compute: masked (dense tensors with masks), sparse (CPU kernels over the active "
+        "weights only, forward and backward), auto (sparse where a timing at the start finds it faster)",
+        "masked",
+        choices=COMPUTE_MODES,
     )
     method_options: dict[str, Any] | None = option(
         "the method's own settings, e.g. {channel_sparsity: 0.3} for chase, {gamma_sal: 0.3} for srigl "

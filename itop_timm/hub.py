@@ -20,10 +20,15 @@ from torch import nn
 from .checkpoint import CARD_FILE, COMPACT_WEIGHTS_FILE, WEIGHTS_FILE, load_sparse, save_sparse
 from .serialization import CheckpointError
 from .sparsifier import Sparsifier
+from .validation import short_repr
 
-__all__ = ["push_to_hub"]
+__all__ = ["HubError", "push_to_hub"]
 
 _logger = logging.getLogger(__name__)
+
+
+class HubError(ConnectionError):
+    """The Hugging Face Hub refused or could not be reached (offline mode, no network, HTTP errors)."""
 
 
 def push_to_hub(
@@ -76,13 +81,20 @@ def push_to_hub(
                 content = path.read_text().replace(f"<user>/{meta['architecture']}-sparse", repo_id).encode()
             operations.append(CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=content))
         api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        info = api.create_commit(
-            repo_id=repo_id,
-            repo_type="model",
-            operations=operations,
-            commit_message=commit_message,
-            revision=revision,
-        )
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            info = api.create_commit(
+                repo_id=repo_id,
+                repo_type="model",
+                operations=operations,
+                commit_message=commit_message,
+                revision=revision,
+            )
+        except Exception as err:  # offline mode (an OSError), HTTP errors, and the HTTP client's own
+            # transport errors (httpx's are no OSErrors): only these two calls, and the cause is chained
+            raise HubError(
+                f"cannot push to the Hugging Face Hub repo {repo_id!r} ({type(err).__name__}: "
+                f"{short_repr(str(err), 300)}); nothing was published"
+            ) from err
     _logger.info("pushed %s (%d sparse tensors) to %s", folder, len(masks), repo_id)
     return str(getattr(info, "commit_url", info))

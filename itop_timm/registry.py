@@ -8,6 +8,7 @@ The three registry objects below are the package's only module-level mutable sta
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterable
 from fnmatch import fnmatch
 from typing import Generic, TypeVar
@@ -26,11 +27,26 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """A table of named entries of one kind (``kind`` names it in error messages)."""
+    """A table of named entries of one kind (``kind`` names it in error messages).
 
-    def __init__(self, kind: str) -> None:
+    ``builtins`` names the module that registers the built-in entries; it is imported on the first
+    look-up, so importing the package stays cheap (no torch) and a table is never read half-filled.
+    """
+
+    def __init__(self, kind: str, builtins: str | None = None) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._builtins = builtins
+
+    def _load_builtins(self) -> None:
+        """Import the module of the built-in entries once (it registers them), before a look-up."""
+        if self._builtins is not None:
+            module, self._builtins = self._builtins, None  # cleared first: that module registers here
+            try:
+                importlib.import_module(module)
+            except BaseException:
+                self._builtins = module  # a failed import is retried (and fails loudly) next time
+                raise
 
     def register(self, name: str, entry: T, *, overwrite: bool = False) -> T:
         """Add ``entry`` under ``name`` (lower-cased); refuse to replace an entry unless ``overwrite``."""
@@ -46,6 +62,7 @@ class Registry(Generic[T]):
         """Return the entry for ``name``; an unknown name raises ``ValueError`` listing the known ones."""
         if not isinstance(name, str):
             raise ValueError(f"{self.kind} name must be a string, got {name!r} ({type(name).__name__})")
+        self._load_builtins()
         key = name.lower()
         if key not in self._entries:
             raise ValueError(f"unknown {self.kind} {name!r}; allowed: {', '.join(self.names())}")
@@ -53,6 +70,7 @@ class Registry(Generic[T]):
 
     def names(self, filter: str | Iterable[str] = "", exclude_filters: Iterable[str] = ()) -> list[str]:
         """Sorted names, optionally restricted by fnmatch ``filter`` pattern(s) and ``exclude_filters``."""
+        self._load_builtins()
         names = sorted(self._entries)
         if filter:
             patterns = [filter] if isinstance(filter, str) else list(filter)
@@ -62,6 +80,7 @@ class Registry(Generic[T]):
         return names
 
     def __contains__(self, name: object) -> bool:
+        self._load_builtins()
         return isinstance(name, str) and name.lower() in self._entries
 
     def unregister(self, name: str) -> None:
@@ -69,10 +88,11 @@ class Registry(Generic[T]):
         self._entries.pop(name.lower(), None)
 
 
-# Entries are filled in by the modules that define them (methods.py, densities.py, schedules.py).
-METHODS: Registry = Registry("method")
-DISTRIBUTIONS: Registry[Callable] = Registry("distribution")
-SCHEDULES: Registry[Callable] = Registry("prune-rate schedule")
+# Entries are filled in by the modules that define them (methods/, densities.py, schedules.py), imported
+# at the first look-up.
+METHODS: Registry = Registry("method", "itop_timm.methods")
+DISTRIBUTIONS: Registry[Callable] = Registry("distribution", "itop_timm.densities")
+SCHEDULES: Registry[Callable] = Registry("prune-rate schedule", "itop_timm.schedules")
 
 
 def list_methods(filter: str | Iterable[str] = "", exclude_filters: Iterable[str] = ()) -> list[str]:

@@ -28,6 +28,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_directory",
+    "plain_mode",
     "flatten_state",
     "unflatten_state",
     "save_state_file",
@@ -145,8 +146,27 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask: from ``/proc`` where Linux shows it, else by setting it and back."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(folder: bool = False) -> int:
+    """The permissions a plain ``open()`` (``0o666``) or ``mkdir()`` (``0o777``) gives a new file or
+    folder under the process's umask: what :mod:`tempfile`'s private ``0o600`` / ``0o700`` is set to
+    before a temporary file or folder becomes an output."""
+    return (0o777 if folder else 0o666) & ~_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes | Callable[[Path], None]) -> Path:
-    """Write ``data`` (bytes, or a function writing to a given path) to ``path`` atomically."""
+    """Write ``data`` (bytes, or a function writing to a given path) to ``path`` atomically. The file
+    gets the permissions a plain ``open()`` would: those of the file it replaces, else
+    :func:`plain_mode`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
@@ -163,6 +183,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | Callable[[Path], N
             data(tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            mode = plain_mode()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -179,7 +204,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it is renamed to ``path`` (an old ``path`` is
-    removed only after the new folder is complete). On error the temporary folder is deleted."""
+    removed only after the new folder is complete). On error the temporary folder is deleted. The
+    folder gets the permissions a plain ``mkdir()`` would (:func:`plain_mode`)."""
     import shutil
 
     path = Path(path)
@@ -189,6 +215,7 @@ def atomic_directory(path: str | os.PathLike, *, replace: bool = True) -> Iterat
     remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, plain_mode(folder=True))
         yield tmp
         for file in tmp.rglob("*"):
             if file.is_file():

@@ -32,6 +32,7 @@ from torch.utils.hooks import RemovableHandle
 from .config import SparsityConfig
 from .densities import active_counts, compute_layer_densities, sparse_parameter_shapes
 from .distributed import check_supported_wrapping
+from .kernels.compute import SparseCompute
 from .mask_state import MaskState, random_mask
 from .masking import GRADIENT_MASKED_OPTIMIZERS, MaskApplier
 from .masks import validate_masks
@@ -117,6 +118,7 @@ class Sparsifier:
                     config.total_steps,
                     config.update_interval,
                     config.distribution,
+                    config.stop_step,
                 )
             )
         self._generator = torch.Generator().manual_seed(config.seed)
@@ -135,6 +137,7 @@ class Sparsifier:
             if self.method.dynamic
             else None
         )
+        self._compute = self._sparse_compute(config.compute)  # validates the layers, builds the kernels
         # -- validation done: from here on the model and optimizer are modified --
         self._state = MaskState(self._params, initial, grad_ema=self.method.grad_ema_beta is not None)
         self.masks: dict[str, torch.Tensor] = self._state.masks  # the same dict, updated in place
@@ -154,6 +157,8 @@ class Sparsifier:
             self.optimizer.register_step_post_hook(self._after_optimizer_step),
         ]
         mark_owner(self.optimizer, self)
+        if self._compute is not None:
+            self._compute.install(self.masks)
         _logger.info(
             "sparsify: method=%s density=%.4f (%s) over %d tensors, %d of %d weights active",
             self.method.name,
@@ -173,6 +178,27 @@ class Sparsifier:
     def compile_hook(self) -> bool:
         """Whether re-masking runs as a ``torch.compile``-d kernel per layer."""
         return self._masking.compiled
+
+    def _sparse_compute(self, mode: str) -> SparseCompute | None:
+        """The sparse-kernel compute of ``compute="sparse" | "auto"`` (not yet installed), or ``None``."""
+        if mode == "masked":
+            return None
+        if self.method.grad_ema_beta is not None:
+            if mode == "sparse":
+                raise ValueError(
+                    f"compute='sparse' with method {self.method.name!r}: the method reads dense gradients "
+                    f"at every step (its gradient EMA), so every step would compute densely; use "
+                    f"compute='masked'"
+                )
+            _logger.info(
+                "compute='auto': method %r reads dense gradients every step: masked", self.method.name
+            )
+            return None
+        return SparseCompute(self.model, list(self._params), mode, self._needs_dense_gradients)
+
+    def _needs_dense_gradients(self) -> bool:
+        """Whether the coming step's topology update reads dense gradients (then computed densely)."""
+        return self.method.needs_grad and self.update_due(self.step + 1)
 
     def _initial_mask(self, name: str, shape: tuple[int, ...], count: int) -> torch.Tensor:
         """``count`` active weights: placed by the structure rule if it wants to, else uniformly at random."""
@@ -339,10 +365,13 @@ class Sparsifier:
             self._masking.forget()  # weights may have moved unmasked: the next step masks them again
 
     def remove(self) -> None:
-        """Detach the optimizer hooks (the masks stay as they are)."""
+        """Detach the optimizer hooks and give sparse-computed layers their own ``forward`` back (the
+        masks stay as they are)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._compute is not None:
+            self._compute.remove()
         mark_owner(self.optimizer, None)
 
     def embed_in_optimizer_state(self) -> None:
@@ -364,6 +393,8 @@ class Sparsifier:
         }
         if self.structure is not None:
             state["structure"] = self.structure.state_dict()
+        if self._compute is not None:
+            state["compute_plan"] = self._compute.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -376,6 +407,9 @@ class Sparsifier:
         rng = state.get("generator_state")
         if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
             raise ValueError("invalid generator_state in sparsifier state")
+        plan = state.get("compute_plan", {})
+        if not isinstance(plan, Mapping):
+            raise ValueError("invalid compute_plan in sparsifier state")
         if self.structure is not None and not isinstance(state.get("structure"), Mapping):
             raise ValueError(f"method {self.method.name!r} needs its structure state in the sparsifier state")
         saved_config = state.get("config", {})
@@ -390,6 +424,8 @@ class Sparsifier:
         self._state.load(checked)
         self.step = step
         self._generator.set_state(rng)
+        if self._compute is not None:
+            self._compute.load_state_dict(plan)
         self.apply_masks()
 
     def __repr__(self) -> str:

@@ -30,15 +30,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+from .validation import Range, check_options, short_repr
 
-from .topology import LayerPlan
-from .validation import Range, check_options
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch only for annotations: SparsityConfig (and so --help) imports this module
+    import torch
     from torch import nn
 
-    from .topology import LayerView
+    from .topology import LayerPlan, LayerView
 
 __all__ = [
     "RuleContext",
@@ -61,6 +59,7 @@ class RuleContext:
         total_steps: T (``None``: not known).
         update_interval: ΔT, optimizer steps between topology updates.
         distribution: the run's layer-density distribution.
+        stop_step: the last step at which a topology update may happen (``None``: until the end).
     """
 
     model: nn.Module
@@ -69,6 +68,20 @@ class RuleContext:
     total_steps: int | None
     update_interval: int
     distribution: str
+    stop_step: int | None = None
+
+    def last_scheduled_update(self) -> int | None:
+        """The last step at which the run's schedule has a topology update: the last multiple of
+        ``update_interval`` before ``total_steps`` and not after ``stop_step`` (``0``: no update at all;
+        ``None``: no end known). A rule's own :meth:`StructureRule.last_update_step` may end it earlier."""
+        ends = [
+            end
+            for end in (self.stop_step, None if self.total_steps is None else self.total_steps - 1)
+            if end is not None
+        ]
+        if not ends:
+            return None
+        return min(ends) // self.update_interval * self.update_interval
 
 
 class StructureRule:
@@ -90,6 +103,8 @@ class StructureRule:
 
     def layer_plan(self, view: LayerView, rate: float, count: int) -> LayerPlan:
         """The plan for one layer at a topology update (``count``: its active weights now)."""
+        from .topology import LayerPlan
+
         return LayerPlan()
 
     def after_step(self, step: int, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
@@ -121,12 +136,16 @@ def check_rule_options(
     naming the method and the option; a method without a rule takes no options."""
     if rule_cls is None:
         if options:
-            raise ValueError(f"method {method!r} takes no method_options, got {sorted(options)}")
+            raise ValueError(
+                f"method {method!r} takes no method_options, got {short_repr(sorted(options), 200)}"
+            )
         return {}
     allowed = sorted(f.name for f in fields(rule_cls))
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"method {method!r} does not take option(s) {unknown}; allowed: {allowed}")
+        raise ValueError(
+            f"method {method!r} does not take option(s) {short_repr(unknown, 200)}; allowed: {allowed}"
+        )
     return check_options(rule_cls, options, prefix=f"{method}: ")
 
 

@@ -27,9 +27,10 @@ name goes to timm unchanged. It also lists ``<method>_<base>`` for the bases in 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from typing import Any
 
@@ -98,12 +99,29 @@ def create_sparse_optimizer(
     get_optimizer_info(base.split("_")[-1])  # unknown base optimizer -> ValueError before any work
     sparse_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in SPARSE_OPTIMIZER_KWARGS}
     masks = sparse_kwargs.pop("masks", None)
-    config = SparsityConfig.resolve(method, **sparse_kwargs)
+    with _total_steps_hint(opt, sparse_kwargs):
+        config = SparsityConfig.resolve(method, **sparse_kwargs)
     optimizer = (create_dense or _timm_create_optimizer())(model, base, *args, **kwargs)
-    sparsifier = Sparsifier(model, optimizer, config, masks=masks)
+    with _total_steps_hint(opt, sparse_kwargs):
+        sparsifier = Sparsifier(model, optimizer, config, masks=masks)
     sparsifier.embed_in_optimizer_state()
     optimizer.sparsifier = sparsifier  # type: ignore[attr-defined]
     return optimizer
+
+
+@contextlib.contextmanager
+def _total_steps_hint(opt: str, sparse_kwargs: dict[str, Any]) -> Iterator[None]:
+    """A missing ``total_steps`` error says how to pass it through timm (``--opt-kwargs`` in train.py)."""
+    try:
+        yield
+    except ValueError as err:
+        if "total_steps" not in str(err) or sparse_kwargs.get("total_steps") is not None:
+            raise
+        raise ValueError(
+            f"{err}. Through timm pass it with the optimizer's arguments: create_optimizer_v2(model, {opt!r}, "
+            "..., total_steps=N), in timm's train.py --opt-kwargs total_steps=N (N = epochs x optimizer "
+            "updates per epoch; `itop-timm timm-train` derives it when not given)"
+        ) from err
 
 
 class _SparseOptimizerFactory:
@@ -173,7 +191,7 @@ def _register_sparse_names(registry: Any) -> None:
 
 def install() -> None:
     """Register RMDA / ProxSGD and the sparse optimizer names with timm and route those names to
-    :func:`create_sparse_optimizer` (idempotent; called on ``import itop_timm``). Methods registered
+    :func:`create_sparse_optimizer` (idempotent; ``import itop_timm`` calls it once ``timm.optim`` is imported). Methods registered
     later get their names at timm's next ``list_optimizers`` / ``get_optimizer_info``."""
     try:
         from timm.optim import _optim_factory

@@ -21,17 +21,25 @@ from .distributed import all_finite, broadcast_masks, full_tensor
 from .mask_state import MaskState
 from .structure import StructureRule
 from .topology import LayerView, next_layer_mask
+from .validation import short_repr
 
 __all__ = ["TopologyUpdater"]
 
 _logger = logging.getLogger(__name__)
 
 
-def _score(
-    fn: Callable[[LayerView], torch.Tensor], view_of: Callable[..., LayerView], mask: torch.Tensor
-) -> Any:
-    """A method's score function applied to a layer seen with ``mask``."""
-    return fn(view_of(mask=mask))
+def _score(method: Any, which: str, view_of: Callable[..., LayerView], mask: torch.Tensor) -> torch.Tensor:
+    """The ``which`` (``"drop"`` or ``"grow"``) score of ``method`` for a layer seen with ``mask``;
+    a ``ValueError`` naming the method and the layer when it is not a tensor shaped like the weight."""
+    view = view_of(mask=mask)
+    scores = getattr(method, f"{which}_score")(view)
+    if not isinstance(scores, torch.Tensor) or scores.shape != view.weight.shape:
+        got = f"shape {tuple(scores.shape)}" if isinstance(scores, torch.Tensor) else short_repr(scores)
+        raise ValueError(
+            f"method {method.name!r}: its {which} score for layer {view.name!r} must be a tensor shaped "
+            f"like the weight, {tuple(view.weight.shape)}, got {got}"
+        )
+    return scores
 
 
 class TopologyUpdater:
@@ -98,8 +106,8 @@ class TopologyUpdater:
             result = next_layer_mask(
                 mask,
                 rate,
-                functools.partial(_score, self.method.drop_score, view_of),
-                functools.partial(_score, self.method.grow_score, view_of),
+                functools.partial(_score, self.method, "drop", view_of),
+                functools.partial(_score, self.method, "grow", view_of),
                 plan,
             )
             if result is None:

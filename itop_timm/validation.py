@@ -16,7 +16,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Range", "UNIT_INTERVAL", "UNSET", "is_int", "is_number", "option", "check_options", "short_repr"]
+__all__ = [
+    "Range",
+    "SEED",
+    "UNIT_INTERVAL",
+    "UNSET",
+    "is_int",
+    "is_number",
+    "option",
+    "check_options",
+    "short_repr",
+]
 
 #: Marker in a field's metadata: the field has no library default (``None`` stays ``None``).
 UNSET = object()
@@ -30,6 +40,11 @@ def is_int(value: object) -> bool:
 def is_number(value: object) -> bool:
     """Whether ``value`` is an ``int`` or a ``float`` (``bool`` is not; NaN is)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _bound(value: float) -> str:
+    """A range's bound as written: integers in full (``4294967295``), other numbers as ``:g``."""
+    return str(value) if is_int(value) else f"{value:g}"
 
 
 @dataclass(frozen=True)
@@ -54,10 +69,11 @@ class Range:
 
     def describe(self) -> str:
         """What is allowed, in words: ``"an integer >= 1"``, ``"in (0, 1]"``, ``"> 0"``, ``"... or null"``."""
-        low = None if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
-        high = None if self.high is None else f"{'<' if self.high_open else '<='} {self.high:g}"
+        low = None if self.low is None else f"{'>' if self.low_open else '>='} {_bound(self.low)}"
+        high = None if self.high is None else f"{'<' if self.high_open else '<='} {_bound(self.high)}"
         if low and high:
-            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            text = f"in {'(' if self.low_open else '['}{_bound(self.low)}, {_bound(self.high)}"
+            text += ")" if self.high_open else "]"
             text = f"an integer {text}" if self.kind is int else text
         elif self.kind is int:
             text = (
@@ -84,12 +100,16 @@ class Range:
     def check(self, name: str, value: Any) -> Any:
         """``value`` (a ``float`` for ``kind=float``), or ``ValueError`` naming ``name``, the range and the value."""
         if not self.contains(value):
-            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
+            raise ValueError(f"{name} must be {self.describe()}, got {short_repr(value)}")
         return value if value is None or self.kind is int else float(value)
 
 
 #: A fraction in (0, 1]: densities, sampling probabilities.
 UNIT_INTERVAL = Range(float, 0, 1, low_open=True)
+
+#: A seed: what every generator a run seeds accepts (NumPy's legacy seeding, which Accelerate's
+#: ``set_seed`` uses, takes 32-bit unsigned integers; torch's generators take more).
+SEED = Range(int, 0, 2**32 - 1)
 
 
 def short_repr(value: Any, limit: int = 80) -> str:

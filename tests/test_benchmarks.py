@@ -229,3 +229,21 @@ def test_finished_run_is_found_from_a_moved_folder_and_only_for_its_own_config(t
     assert common.finished_run(cfg_moved, processes=2) is None
     (moved / "summary.json").unlink()  # unfinished
     assert common.finished_run(cfg_moved) is None
+
+
+@pytest.mark.slow  # three tiny recipe runs plus the step and layer timings: about a minute
+def test_sparse_compute_quick(bench_env):
+    env, results = bench_env
+    out = run_script("sparse_compute.py", env, "--quick")
+    data = json.loads((results / "sparse_compute_quick.json").read_text())
+    assert {r["shape"] for r in data["steps"]} == {"demo", "64px", "224px"}
+    assert all(r["speedup_auto"] > 0 and r["speedup_masked_control"] > 0 for r in data["steps"])
+    assert data["layers"] and all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 for r in data["layers"])
+    demo = data["demo"]
+    assert set(demo) == {"dense", "rigl_masked", "rigl_auto"}
+    assert (
+        demo["rigl_auto"]["density"] == pytest.approx(0.1, abs=1e-3)
+        and demo["rigl_auto"]["wall_time_vs_dense"] > 0
+    )
+    assert (results / "sparse_compute_quick.png").stat().st_size > 1000
+    assert "wrote" in out

@@ -3,6 +3,7 @@ dtypes, provenance of the published files, atomic writes."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -659,3 +660,65 @@ def test_a_config_json_that_is_no_regular_file_is_a_checkpoint_error_not_a_hang(
     worker.join(timeout=60)
     assert not worker.is_alive(), "load_sparse blocked on config.json"
     assert outcome and "config.json: timm config is not a regular file" in str(outcome[0])
+
+
+# --------------------------------------------------------------------------- permissions
+@functools.cache
+def _sparse_test_resnet() -> tuple[torch.nn.Module, itop_timm.Sparsifier]:
+    model = timm.create_model("test_resnet", num_classes=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, itop_timm.sparsify(model, optimizer, density=0.5, total_steps=10)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    umask=st.sampled_from([0o022, 0o002, 0o027, 0o077, 0o007, 0o000]), existing=st.sampled_from([None, 0o640])
+)
+def test_outputs_get_the_permissions_a_plain_open_gives(umask, existing):
+    """Issue 27 class 4: mkstemp's 0600 and mkdtemp's 0700 never reach an output: a new file gets
+    0666 & ~umask (a replaced one keeps its mode), a folder 0777 & ~umask."""
+    import stat
+    import tempfile
+
+    from itop_timm.serialization import atomic_directory, atomic_write_text
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    old = os.umask(umask)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            root = Path(folder)
+            summary = root / "summary.json"
+            if existing is not None:
+                summary.write_text("{}")
+                summary.chmod(existing)
+            atomic_write_text(summary, "{}")
+            assert mode(summary) == (existing if existing is not None else 0o666 & ~umask)
+            with atomic_directory(root / "plots") as tmp:
+                (tmp / "a.png").write_bytes(b"png")
+            assert mode(root / "plots") == 0o777 & ~umask and mode(root / "plots" / "a.png") == 0o666 & ~umask
+            out = itop_timm.save_sparse(*_sparse_test_resnet(), root / "model", model_name="test_resnet")
+            assert mode(out) == 0o777 & ~umask
+            assert {p.name: mode(p) for p in out.iterdir()} == {p.name: 0o666 & ~umask for p in out.iterdir()}
+    finally:
+        os.umask(old)
+
+
+def test_the_fashion_mnist_cache_folder_is_not_private(tmp_path):
+    from helpers import write_idx
+
+    from itop_timm.training.data import fashion_mnist_from_idx
+
+    for prefix, n in (("train", 4), ("t10k", 2)):
+        write_idx(
+            tmp_path / f"{prefix}-images-idx3-ubyte.gz", torch.zeros(n, 28, 28, dtype=torch.uint8).numpy()
+        )
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", (torch.arange(n) % 10).numpy())
+    old = os.umask(0o022)
+    try:
+        assert len(fashion_mnist_from_idx(tmp_path, cache_dir=tmp_path / "cache")["train"]) == 4
+    finally:
+        os.umask(old)
+    (cached,) = (tmp_path / "cache").iterdir()
+    assert cached.stat().st_mode & 0o777 == 0o755

@@ -183,3 +183,107 @@ def test_export_into_the_run_folder_holding_its_source_is_refused(saved_checkpoi
     assert "not a checkpoint folder" in capsys.readouterr().err
     assert (run / "metrics.jsonl").read_text() == "{}\n"
     assert {p.name: p.read_bytes() for p in src.iterdir()} == saved_checkpoint["files"]
+
+
+# --------------------------------------------------------------------------- help, listing, card
+@pytest.mark.parametrize("command", ["info", "export", "compact", "push", "methods"])
+def test_every_argument_has_help(command):
+    """Every positional and option of every subcommand (and the top level) says what it is; defaults
+    that are not obvious are shown."""
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    sub = subparsers.choices[command]
+    assert sub.description, f"`itop-timm {command} --help` has no description"
+    for action in [*parser._actions, *sub._actions]:
+        if action.dest not in ("help", "command"):
+            assert action.help, f"{command}: {action.dest} has no help text"
+    if command == "compact":
+        assert "(default: 0.0)" in sub.format_help()
+
+
+def test_methods_lists_each_methods_own_defaults(capsys):
+    from itop_timm.methods import MethodInfo, magnitude_score, random_score, register_method
+    from itop_timm.registry import METHODS
+
+    register_method(
+        MethodInfo(
+            "cli_defaults_probe",
+            magnitude_score,
+            random_score,
+            "probe",
+            defaults={"update_interval": 7, "distribution": "uniform"},
+        )
+    )
+    try:
+        assert cli.main(["methods"]) == 0
+    finally:
+        METHODS.unregister("cli_defaults_probe")
+    out = capsys.readouterr().out
+    rows: dict[str, list[str]] = {}
+    for line in out.splitlines():  # the table comes first: its row is a method's first line
+        if line.strip():
+            rows.setdefault(line.split()[0], line.split())
+    assert rows["method"][:5] == ["method", "ΔT", "p0", "final", "schedule"]
+    assert rows["rigl"][1:5] == ["100", "0.5", "0.005", "cosine"]  # the library's
+    assert rows["srigl"][1:3] == ["100", "0.3*"]  # srigl's own prune rate
+    assert rows["static"][1:5] == ["-", "-", "-", "-"]  # never updates
+    assert rows["cli_defaults_probe"][1] == "7*"
+    assert "cli_defaults_probe also defaults: distribution='uniform'" in out
+    assert "channel_sparsity (default: 0.5)" in out and "erk" in out
+
+
+def test_compact_card_gives_a_working_way_to_plain_timm(saved_checkpoint, tmp_path, capsys):
+    """The compact card says plain timm cannot load it and how to get a copy it can; that way works."""
+    import timm
+
+    card = saved_checkpoint["compact_files"]["README.md"].decode()
+    assert "--dense" not in card and "size mismatch" in card
+    assert "itop-timm export hf-hub:<user>/test_resnet-sparse dense-copy" in card
+    assert 'timm.create_model("local-dir:dense-copy", pretrained=True)' in card
+    src = write_folder(tmp_path / "compact", saved_checkpoint["compact_files"])
+    with pytest.raises(RuntimeError, match="size mismatch"):  # what the card warns about
+        timm.create_model(f"local-dir:{src}", pretrained=True)
+    assert cli.main(["export", str(src), str(tmp_path / "dense-copy")]) == 0
+    model = timm.create_model(f"local-dir:{tmp_path / 'dense-copy'}", pretrained=True)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved_checkpoint["state"].items())
+    assert "Plain timm reads `model.safetensors`" in (tmp_path / "dense-copy" / "README.md").read_text()
+
+
+LAZY_IMPORT_PROBE = """
+import sys
+from itop_timm.training import build_parser
+from itop_timm.cli import build_parser as cli_parser
+build_parser().format_help(), cli_parser().format_help()
+assert "torch" not in sys.modules, "--help imported torch"
+import itop_timm
+from itop_timm.config import SparsityConfig
+assert SparsityConfig(method="srigl").method == "srigl"  # the registry loads its built-in entries
+import timm.optim
+assert "rigl_sgd" in timm.optim.list_optimizers()  # registered once timm.optim is imported
+assert itop_timm.sparsify and itop_timm.MethodInfo and "sparsify" in dir(itop_timm)
+print("ok")
+"""
+
+
+def test_help_imports_no_torch_and_names_load_on_use():
+    """``--help`` of the recipe and of ``itop-timm`` answers without torch; the lazily imported package
+    still registers built-in methods and timm's sparse optimizer names when they are needed."""
+    out = subprocess.run(
+        [sys.executable, "-c", LAZY_IMPORT_PROBE], env=subprocess_env(), capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_print_config_shows_the_resolved_values(capsys):
+    from itop_timm.training import main
+
+    assert main(["--print-config", "--sparsity.method", "srigl", "--train.seed", "7"]) is None
+    sparsity = yaml.safe_load(capsys.readouterr().out)["sparsity"]
+    assert sparsity["prune_rate"] == 0.3  # srigl's own default
+    assert sparsity["seed"] == 7  # train.seed
+    assert (sparsity["update_interval"], sparsity["final_prune_rate"], sparsity["distribution"]) == (
+        100,
+        0.005,
+        "erk",
+    )

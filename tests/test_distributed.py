@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -21,7 +22,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def worker(rank: int, world: int, port: int, out_dir: str, compute: str = "masked") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -29,7 +30,14 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         sp = itop_timm.sparsify(
-            model, optimizer, method="set", density=0.3, update_interval=2, total_steps=20, seed=rank
+            model,
+            optimizer,
+            method="set",
+            density=0.3,
+            update_interval=2,
+            total_steps=20,
+            seed=rank,
+            compute=compute,
         )
         ddp = nn.parallel.DistributedDataParallel(model)
         fingerprints = [masks_fingerprint(list(sp.masks.values()))]
@@ -48,6 +56,8 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 "values": values,
                 "itop": sp.itop_rate,
                 "step": sp.step,
+                "weights": [p.detach().clone() for p in model.parameters()],
+                "kernel_layers": 0 if sp._compute is None else len(sp._compute.layers),
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
@@ -55,11 +65,17 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_ranks_hold_identical_masks(tmp_path):
-    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("compute", ["masked", "sparse", "auto"])
+def test_two_ranks_hold_identical_masks(tmp_path, compute):
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path), compute), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["fingerprints"] == r1["fingerprints"]  # after init and after every step (3 updates)
     assert len(set(r0["fingerprints"])) > 1  # the masks did change
     assert r0["agree"] and r1["agree"] and r0["values"] == r1["values"]
     assert r0["step"] == r1["step"] == 6 and r0["itop"] == r1["itop"] > 0.3
+    assert r0["kernel_layers"] == (0 if compute == "masked" else 2)
+    for a, b in zip(
+        r0["weights"], r1["weights"], strict=True
+    ):  # DDP: the same averaged gradients on both ranks
+        assert torch.equal(a, b)

@@ -266,3 +266,26 @@ def test_load_sparse_from_hub_cache_offline(trained, monkeypatch, tmp_path):
     shutil.rmtree(cache)  # the cache, not the model, is what made these loads work
     with pytest.raises(CheckpointError, match=REPO):
         load_sparse(f"hf-hub:{REPO}")
+
+
+@pytest.mark.parametrize("hub", ["offline", "unreachable"])
+def test_push_without_the_hub_is_a_clean_error(hub, monkeypatch, tmp_path, capsys):
+    """Issue 27 class 14: not a raw 12-frame traceback; exit status 1 (the input was fine)."""
+    from itop_timm import cli
+
+    model = timm.create_model("test_resnet", num_classes=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    folder = save_sparse(
+        model, itop_timm.sparsify(model, optimizer, density=0.5, total_steps=10), tmp_path / "m"
+    )
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", hub == "offline")
+    monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    huggingface_hub.close_session()
+    try:
+        assert cli.main(["push", str(folder), REPO, "--token", TOKEN]) == 1
+    finally:
+        huggingface_hub.close_session()
+    err = capsys.readouterr().err
+    assert err.startswith(f"itop-timm push: error: cannot push to the Hugging Face Hub repo '{REPO}' (")
+    assert err.endswith("); nothing was published\n") and err.count("\n") == 1, err

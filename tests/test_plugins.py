@@ -140,3 +140,29 @@ def test_a_sparse_optimizer_name_takes_the_longest_registered_method(unregister)
     assert parse_sparse_optimizer_name("noisy_adamw") == ("noisy", "adamw")
     assert parse_sparse_optimizer_name("rigl_sgd") == ("rigl", "sgd")
     assert parse_sparse_optimizer_name("noisy_") is None and parse_sparse_optimizer_name("sgd") is None
+
+
+@pytest.mark.parametrize(
+    "which,score,got",
+    [
+        ("drop", lambda layer: layer.weight.abs().reshape(-1), r"shape \(256,\)"),
+        ("grow", lambda layer: layer.weight.abs()[:, :1], r"shape \(16, 1\)"),
+        ("grow", lambda layer: 0.5, "0.5"),
+    ],
+)
+def test_a_score_of_the_wrong_shape_names_the_method_and_the_layer(which, score, got, unregister):
+    """Issue 27 class 15: not a raw IndexError from deep inside the topology update."""
+    from helpers import train_steps
+
+    unregister.append("misshapen")
+    scores = {"drop_score": magnitude_score, "grow_score": random_score, f"{which}_score": score}
+    register_method(MethodInfo("misshapen", description="a plugin's buggy score", **scores))
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    itop_timm.sparsify(model, optimizer, method="misshapen", density=0.5, update_interval=1, total_steps=5)
+    message = (
+        rf"^method 'misshapen': its {which} score for layer '0.weight' must be a tensor shaped like "
+        rf"the weight, \(16, 16\), got {got}$"
+    )
+    with pytest.raises(ValueError, match=message):
+        train_steps(model, optimizer, 1, input_size=(16,), num_classes=4)

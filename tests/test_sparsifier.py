@@ -674,7 +674,7 @@ def test_library_defaults_are_written_only_on_the_config_fields():
     [
         ({"update_interval": True}, r"update_interval must be an integer >= 1 \(optimizer steps\), got True"),
         ({"density": float("nan")}, r"density must be in \(0, 1\], got nan"),
-        ({"seed": 1.5}, r"seed must be an integer, got 1.5"),
+        ({"seed": 1.5}, r"seed must be an integer in \[0, 4294967295\], got 1.5"),
         ({"final_prune_rate": -0.1}, r"final_prune_rate must be in \[0, 1\], got -0.1"),
         ({"include": [3]}, r"include must be fnmatch patterns \(strings\), got \[3\]"),
         ({"method_options": ["a"]}, r"method_options must be a mapping of option names, got \['a'\]"),
@@ -695,6 +695,21 @@ def test_range_describes_what_it_allows():
     assert Range(float, 0, 1).check("x", 1) == 1.0 and isinstance(Range(float, 0, 1).check("x", 1), float)
     for bad in (True, float("nan"), "0.5", 2):
         assert not Range(float, 0, 1).contains(bad)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.one_of(st.integers(-(2**70), 2**70), st.sampled_from([-1, 2**32 - 1, 2**32, 2**64])))
+def test_seeds_are_checked_with_the_other_settings(seed):
+    """Issue 27 class 16: a seed no generator takes fails as a ValueError naming it and the range,
+    before anything is touched; every seed in the range builds the masks."""
+    model = nn.Linear(8, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if 0 <= seed < 2**32:
+        assert sparsify(model, opt, method="set", density=0.5, total_steps=10, seed=seed).config.seed == seed
+        return
+    with pytest.raises(ValueError, match=r"^seed must be an integer in \[0, 4294967295\], got -?\d+$"):
+        sparsify(model, opt, method="set", density=0.5, total_steps=10, seed=seed)
+    assert len(opt._optimizer_step_post_hooks) == 0
 
 
 # --------------------------------------------------------------- registration

@@ -176,6 +176,55 @@ def test_chase_channel_removal_reaches_update_hooks_through_restrict():
     assert last["structure"]["channels_alive"] == seen[-1]["structure"]["channels_alive"]
 
 
+@pytest.mark.parametrize(
+    "schedule, last_update",
+    [
+        ({"update_interval": 2, "stop_step": 9}, 8),  # T_c = 0.75 · 24 = 18 capped at the update at 8
+        ({"update_interval": 12}, 12),  # ΔT half the run: one update, at 12
+    ],
+)
+def test_chase_removal_ends_by_the_last_update_and_the_run_ends_at_its_density(schedule, last_update):
+    model = resnet()
+    opt = sgd(model)
+    sp = itop_timm.sparsify(
+        model, opt, method="chase", density=0.2, total_steps=24, method_options=CHASE, **schedule
+    )
+    budget = sum(int(m.sum()) for m in sp.masks.values())
+    seen = []
+    sp.register_update_hook(lambda s, stats: seen.append((stats["step"], stats.get("event", "update"))))
+    train_steps(model, opt, 24, input_size=SIZE)
+    removals = [step for step, event in seen if event == "restrict"]
+    updates = [step for step, event in seen if event == "update"]
+    assert max(updates) == last_update and max(removals) == last_update
+    assert seen[-2:] == [
+        (last_update, "restrict"),
+        (last_update, "update"),
+    ]  # the last removal, then regrowth
+    rule = sp.structure
+    total = sum(u.num_channels for u in rule.units)
+    assert sum(int(a.sum()) for a in rule.alive.values()) == math.ceil(total * (1 - 0.5))  # S_c reached
+    assert sum(int(m.sum()) for m in sp.masks.values()) == budget  # the weights lost were all regrown
+
+
+def test_chase_refuses_a_run_without_a_topology_update_to_regrow_the_removed_weights():
+    model = resnet()
+    opt = sgd(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError,
+        match=r"chase: channel removal needs a later topology update .* \(update_interval=24, total_steps=24, "
+        r"stop_step=None\); allowed: an update_interval below total_steps",
+    ):
+        itop_timm.sparsify(
+            model, opt, method="chase", density=0.2, update_interval=24, total_steps=24, method_options=CHASE
+        )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    static = {**CHASE, "channel_sparsity": 0.0}  # nothing to regrow: allowed
+    itop_timm.sparsify(
+        model, opt, method="chase", density=0.2, update_interval=24, total_steps=24, method_options=static
+    )
+
+
 def test_chase_rule_is_built_and_the_model_traced_once_per_config(monkeypatch):
     import itop_timm.methods.chase as chase
 

@@ -21,7 +21,8 @@ The modules, one job each: ``format`` (file names, header keys, bit packing, has
 ``schema`` (metadata types), ``architecture`` (timm name, model rebuilding, the rebuilder registry),
 ``card`` (model card), ``write`` (atomic folder writing), ``save`` (``save_sparse``), ``hub`` (Hub
 download), ``verify`` (cross-checks between the files), ``load`` (``load_sparse``), ``export``
-(``export_checkpoint``). This package imports neither the package root nor ``itop_timm.structured``.
+(``export_checkpoint``). This package imports neither the package root nor ``itop_timm.structured``
+(the rebuilder registry imports ``itop_timm.structured.compacted`` when a compacted checkpoint is loaded).
 """
 
 from ..serialization import CheckpointError

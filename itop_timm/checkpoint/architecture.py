@@ -34,8 +34,10 @@ __all__ = [
 ARCHITECTURE_ATTR = "itop_timm_pruning_history"
 #: the metadata key (and registry name) of that record
 ARCHITECTURE_KEY = "structured"
+#: ``itop_timm.structured`` registers its rebuilder; named here by module only (imported when a compacted
+#: checkpoint is loaded), so this package never imports the layer above it at import time
 ARCHITECTURE_REBUILDERS: Registry[Callable[[nn.Module, Mapping[str, Any]], nn.Module]] = Registry(
-    "architecture rebuilder"
+    "architecture rebuilder", "itop_timm.structured.compacted"
 )
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..validation import is_number
 
-__all__ = ["model_card", "card_metadata"]
+__all__ = ["model_card", "card_metadata", "plain_timm_instructions"]
 
 
 def card_metadata(meta: Mapping[str, Any], repo_hint: str) -> dict[str, Any]:
@@ -96,17 +96,7 @@ def model_card(meta: Mapping[str, Any], repo_hint: str, compact: bool) -> str:
         for name, t in meta["tensors"].items():
             rs = f"{t['itop_rate']:.4f}" if t.get("itop_rate") is not None else "–"
             lines.append(f"| `{name}` | {tuple(t['shape'])} | {t['density']:.4f} | {rs} |")
-    load_timm = (
-        "Plain timm reads `model.safetensors` (dense tensors with exact zeros):\n\n"
-        "```python\nimport timm\n"
-        f'model = timm.create_model("hf-hub:{repo_hint}", pretrained=True)      # from the Hub\n'
-        'model = timm.create_model("local-dir:path/to/folder", pretrained=True)  # from a local copy\n```'
-    )
-    if compact:
-        load_timm = (
-            "This is a *compact* export (`model.compact.safetensors`: nonzero values + bit masks); "
-            "load it with itop_timm, or `itop-timm export --dense` it for plain timm."
-        )
+    load_timm = plain_timm_instructions(meta, repo_hint, compact)
     lines += [
         "",
         "## How to load",
@@ -122,3 +112,31 @@ def model_card(meta: Mapping[str, Any], repo_hint: str, compact: bool) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def plain_timm_instructions(meta: Mapping[str, Any], repo_hint: str, compact: bool) -> str:
+    """The card's paragraph on loading with plain timm: the snippet when timm can load the folder as is;
+    for compact storage (timm would pick ``model.compact.safetensors`` and fail with a size mismatch)
+    the dense re-export that it can load; for a torch-pruning compacted model, that only itop_timm can."""
+    if "structured" in meta:
+        return (
+            "Channels of this model were removed with torch-pruning (`itop-timm compact`): its layers are "
+            f"smaller than timm's `{meta['architecture']}`, so plain timm cannot build it. Load it with "
+            "itop_timm (below), which rebuilds the compacted architecture."
+        )
+    if compact:
+        return (
+            "This is a *compact* export (`model.compact.safetensors`: nonzero values + bit masks). Plain timm "
+            "cannot load it: `timm.create_model(..., pretrained=True)` picks `model.compact.safetensors` "
+            "and fails with a size mismatch. Load it with itop_timm (below), or write a dense copy "
+            "(`model.safetensors`, exact zeros off-mask) that plain timm loads:\n\n"
+            f"```bash\nitop-timm export hf-hub:{repo_hint} dense-copy   # or a local folder; no --compact\n```\n\n"
+            "```python\nimport timm\n"
+            'model = timm.create_model("local-dir:dense-copy", pretrained=True)\n```'
+        )
+    return (
+        "Plain timm reads `model.safetensors` (dense tensors with exact zeros):\n\n"
+        "```python\nimport timm\n"
+        f'model = timm.create_model("hf-hub:{repo_hint}", pretrained=True)      # from the Hub\n'
+        'model = timm.create_model("local-dir:path/to/folder", pretrained=True)  # from a local copy\n```'
+    )

@@ -41,9 +41,26 @@ def resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike, revision: str | No
     if is_hub_id(text):
         return download_checkpoint(text, revision)
     folder = recover_interrupted_save(Path(text))
+    if folder.is_file():
+        raise CheckpointError(_not_a_folder(folder))
     if not folder.is_dir():
         raise CheckpointError(f"{text}: no such checkpoint folder (or use hf-hub:<org>/<name>)")
     return folder
+
+
+def _not_a_folder(path: Path) -> str:
+    """Why a file is not taken, and where a timm run's sparse folder is (``itop-timm timm-train``
+    writes ``sparse/`` next to timm's checkpoints: itop_timm.timm_train.SPARSE_FOLDER)."""
+    message = f"{path}: a file, not a checkpoint folder"
+    if path.name.endswith((".pth.tar", ".pth", ".pt", ".ckpt", ".bin")):
+        sparse = path.parent / "sparse"
+        message += (
+            " (a PyTorch training checkpoint, e.g. timm's train.py's, is a pickle: itop_timm reads only "
+            "safetensors and JSON). `itop-timm timm-train` writes the run's safetensors sparse folder next "
+            f"to timm's checkpoints: {sparse}"
+            + (" (pass that folder)" if sparse.is_dir() else " (not there: was the run started with it?)")
+        )
+    return message
 
 
 def read_sparse_metadata(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -13,6 +13,10 @@ schedule (REFERENCE §4):
   the columns reading it are masked for good, so ``compact`` slices it out exactly;
 * the global budget stays ``density × N``: per-layer counts are re-derived with the run's distribution
   on the shrunken shapes, and the next topology update regrows the weights lost with the channels.
+  So channel removal ends no later than the run's last topology update (``T_c`` is capped at it: the
+  last multiple of ΔT before ``T`` and not after ``stop_step``; the removal at ``T_c`` comes just before
+  that update, which regrows the weights) and the run ends at its density. A run with no topology
+  update at all (ΔT ≥ T, or ``stop_step`` < ΔT) is refused unless ``channel_sparsity`` is 0.
 
 Defaults from the official code (CIFAR): ``channel_sparsity`` 0.5 (``--start_layer_rate``),
 ``min_channel_ratio`` 0.2 (``--minumum_ratio``), removal every 8 ΔT (``--layer_interval 8000`` with
@@ -47,6 +51,30 @@ from .scores import gradient_score, magnitude_score
 __all__ = ["ChaseRule"]
 
 
+def counts_summing_to(
+    shapes: Mapping[str, tuple[int, ...]], densities: Mapping[str, float], total: int
+) -> dict[str, int]:
+    """Active weights per layer, ``d_l · N_l`` rounded (at least 1, at most ``N_l``), corrected one weight
+    at a time, on the layers whose rounding was furthest off, to sum to ``total`` where the shapes allow."""
+    counts = active_counts(shapes, densities)
+    exact = {name: densities[name] * math.prod(shape) for name, shape in shapes.items()}
+    diff = total - sum(counts.values())
+    step = 1 if diff > 0 else -1
+    while diff:
+        movable = [
+            name
+            for name, shape in shapes.items()
+            if (counts[name] < math.prod(shape) if step > 0 else counts[name] > 1)
+        ]
+        if not movable:
+            break
+        movable.sort(key=lambda name: step * (counts[name] - exact[name]))  # furthest below (above) first
+        for name in movable[: abs(diff)]:
+            counts[name] += step
+            diff -= step
+    return counts
+
+
 @dataclass
 class ChaseRule(StructureRule):
     """Chase's structure: channels removed on a cubic schedule, RigL within the channels left."""
@@ -63,7 +91,8 @@ class ChaseRule(StructureRule):
         range=Range(int, 1, optional=True),
     )
     removal_end_fraction: float = option(
-        "T_c / T in (0, 1]: channel removal ends here (official code: 130 of 160 epochs)",
+        "T_c / T in (0, 1]: channel removal ends here, or at the last topology update if earlier (official "
+        "code: 130 of 160 epochs)",
         0.8125,
         range=UNIT_INTERVAL,
     )
@@ -112,7 +141,7 @@ class ChaseRule(StructureRule):
         self._targets = dict(context.counts)
         self._distribution = context.distribution
         self.alive = {u.name: torch.ones(u.num_channels, dtype=torch.bool) for u in self.units}
-        self._end = max(1, round(self.removal_end_fraction * context.total_steps))  # T_c
+        self._end = self._removal_end(context)  # T_c
         interval = self.removal_interval or 8 * context.update_interval
         offset = context.update_interval // 2  # half a ΔT away from the weight updates
         self._removal_steps: set[int] = set()
@@ -120,6 +149,22 @@ class ChaseRule(StructureRule):
             steps = (j * interval - offset for j in range(1, self._end // interval + 2))
             self._removal_steps = {s for s in steps if 1 <= s <= self._end} | {self._end}
         self._refresh()
+
+    def _removal_end(self, context: RuleContext) -> int:
+        """T_c: ``removal_end_fraction · T``, capped at the last topology update so that the weights lost
+        with the channels are regrown (a ``ValueError`` if no update runs and channels are to go)."""
+        end = max(1, round(self.removal_end_fraction * context.total_steps))
+        if self.channel_sparsity == 0:
+            return end
+        last_update = context.last_scheduled_update()
+        if not last_update:
+            raise ValueError(
+                f"chase: channel removal needs a later topology update to regrow the weights of the removed "
+                f"channels, but this run has none (update_interval={context.update_interval}, "
+                f"total_steps={context.total_steps}, stop_step={context.stop_step}); allowed: an "
+                f"update_interval below total_steps and at most stop_step, or channel_sparsity 0"
+            )
+        return min(end, last_update)
 
     def removed_fraction(self, step: int) -> float:
         """S_c(t): the cubic schedule's target fraction of removed channels at ``step``."""
@@ -173,7 +218,7 @@ class ChaseRule(StructureRule):
         budget = sum(self._budget.values())
         room = sum(math.prod(s) for s in effective.values())
         densities = compute_layer_densities(effective, min(1.0, budget / room), self._distribution)
-        self._targets = active_counts(effective, densities)
+        self._targets = counts_summing_to(effective, densities, budget)
 
     def layer_plan(self, view: LayerView, rate: float, count: int) -> LayerPlan:
         return LayerPlan(allowed=self._allowed.get(view.name), count=self._targets.get(view.name, count))

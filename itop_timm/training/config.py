@@ -14,23 +14,27 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import yaml
 
-from ..config import SparsityConfig, option
-from ..methods import MethodInfo
+from ..config import SPARSIFY_DEFAULTS, SparsityConfig, option
 from ..plugins import load_plugins
+from ..validation import SEED, Range, check_options
 from .options import (
     build_sections,
     check_type,
     describe_keys,
     merge_overrides,
     parse_yaml,
+    section_fields,
     sections_to_dict,
     valid_keys,
 )
 from .options import parse_overrides as _parse_overrides
+
+if TYPE_CHECKING:  # the methods import torch; --help reads this module without it
+    from ..methods import MethodInfo
 
 __all__ = [
     "ModelConfig",
@@ -73,8 +77,14 @@ class DataConfig:
     test_split: str | None = option("split evaluated at the end (null: none)", "test")
     image_column: str | None = option("image column (null: the first Image column)")
     label_column: str | None = option("label column (null: the first ClassLabel column)")
-    max_train_samples: int | None = option("subsample the train split (quick runs)")
-    max_eval_samples: int | None = option("subsample the validation and test splits")
+    max_train_samples: int | None = option(
+        "subsample the train split (quick runs)", range=Range(int, 1, optional=True)
+    )
+    max_eval_samples: int | None = option(
+        "subsample the validation and test splits (an empty split is refused: a test of nothing measures "
+        "nothing; set data.test_split null to skip the test)",
+        range=Range(int, 1, optional=True),
+    )
     batch_size: int = option("training batch size per process", 128)
     eval_batch_size: int = option("evaluation batch size per process", 256)
     num_workers: int | str = option(
@@ -142,7 +152,9 @@ class TrainLoopConfig:
     label_smoothing: float = option("label smoothing of the cross-entropy, in [0, 1)", 0.0)
     mixed_precision: str = option("no | bf16 | fp16 (fp16: GPU, with loss scaling)", "no")
     gradient_accumulation_steps: int = option("batches per optimizer step", 1)
-    seed: int = option("seed of the model, data order, augmentation and (by default) the masks", 0)
+    seed: int = option(
+        "seed of the model, data order, augmentation and (by default) the masks", 0, range=SEED
+    )
     fsdp: bool = option(
         "shard the model with FSDP2 (Accelerate's FSDP plugin, version 2, one unit per timm block)", False
     )
@@ -181,6 +193,17 @@ class SparsitySection(SparsityConfig):
         if self.stop_fraction is not None and not 0 < self.stop_fraction <= 1:
             raise ValueError(f"sparsity.stop_fraction must be in (0, 1], got {self.stop_fraction!r}")
 
+    def filled(self, seed: int) -> SparsitySection:
+        """This section with every unset setting as the run fills it: the method's default, else the
+        library's; an unset seed is ``seed`` (``train.seed``). ``total_steps`` and ``stop_step`` stay
+        unset: they follow from the data (``--print-config`` shows this)."""
+        info = self.method_info
+        if info is None:  # dense: no sparsifier, nothing to fill
+            return self
+        defaults = {**SPARSIFY_DEFAULTS, **info.defaults, "seed": seed}
+        unset = {k: v for k, v in defaults.items() if getattr(self, k) is None and v is not None}
+        return dataclasses.replace(self, **unset) if unset else self
+
     def for_run(self, total_steps: int, seed: int) -> SparsityConfig:
         """The library config of a run of ``total_steps`` optimizer steps, resolved and validated."""
         values = self.library_fields()
@@ -208,7 +231,10 @@ class RunConfig:
     checkpoint_interval: int = option("optimizer steps between checkpoints (0: only at epoch ends)", 500)
     keep_checkpoints: int = option("training checkpoints kept", 2)
     resume: str | None = option("a checkpoint folder, or latest (in output_dir/checkpoints)")
-    overwrite: bool = option("allow a fresh run into an output_dir that already has checkpoints", False)
+    overwrite: bool = option(
+        "allow a fresh run into an output_dir that holds another run's results (they are removed first)",
+        False,
+    )
     tensorboard: bool = option("also log to TensorBoard (pip install itop-timm[tensorboard])", False)
     progress: bool = option("show a progress bar", True)
     cpu: bool = option("force the CPU even when a GPU is present", False)
@@ -243,6 +269,11 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def resolved(self) -> TrainConfig:
+        """A copy whose ``sparsity`` section is :meth:`SparsitySection.filled` from ``train.seed``: the
+        values the run uses where the config leaves them unset (for ``--print-config``)."""
+        return dataclasses.replace(self, sparsity=self.sparsity.filled(self.train.seed))
 
     @classmethod
     def valid_keys(cls) -> list[str]:
@@ -302,6 +333,10 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        for section in dataclasses.fields(self):  # the ranges declared with option() (train.seed, ...)
+            values = getattr(self, section.name)
+            declared = {f.name: getattr(values, f.name) for f in section_fields(type(values))}
+            check_options(type(values), declared, f"{section.name}.")
         if self.data.in_memory:
             why_not = self.data.in_memory_blocker()
             if why_not is not None:

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from ..serialization import plain_mode
+from ..validation import short_repr
 from .config import DataConfig
 from .loaders import (
     EpochShuffleSampler,
@@ -46,6 +48,7 @@ __all__ = [
     "fashion_mnist_from_idx",
     "hub_dataset_id",
     "load_splits",
+    "check_labels",
     "Splits",
     "build_transforms",
     "resolve_data_config",
@@ -158,6 +161,7 @@ def fashion_mnist_from_idx(data_dir: str | Path = FASHION_MNIST_DIR, cache_dir: 
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
     try:
+        os.chmod(tmp, plain_mode(folder=True))  # a shared cache, not mkdtemp's private 0o700
         datasets.DatasetDict(splits).save_to_disk(str(tmp))
         os.replace(tmp, target)  # atomic; fails if another process already published the cache
         _logger.info("cached Fashion-MNIST (IDX) as Arrow in %s", target)
@@ -196,14 +200,17 @@ def _load_source(cfg: DataConfig):
             raise ValueError(
                 f"data.dataset={name!r} needs data.data_dir to be an existing folder, got {cfg.data_dir!r}"
             )
-        if name == "disk":
+        try:
+            if name == "imagefolder":
+                return datasets.load_dataset("imagefolder", data_dir=cfg.data_dir)
             loaded = datasets.load_from_disk(cfg.data_dir)
-            return (
-                loaded
-                if isinstance(loaded, datasets.DatasetDict)
-                else datasets.DatasetDict({"train": loaded})
-            )
-        return datasets.load_dataset("imagefolder", data_dir=cfg.data_dir)
+        except Exception as err:  # datasets raises many types (not a saved data set, no images, torn files)
+            what = "a data set saved with save_to_disk" if name == "disk" else "a folder of images"
+            raise ValueError(
+                f"data.dataset={name!r}: data.data_dir {cfg.data_dir!r} is not {what} "
+                f"({type(err).__name__}: {short_repr(str(err), 300)})"
+            ) from err
+        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
     if Path(name).exists():
         raise ValueError(
             f"data.dataset={name!r} is a local path: use dataset: imagefolder (or disk) with data_dir: {name}"
@@ -231,6 +238,71 @@ def _columns(features: Any, cfg: DataConfig) -> tuple[str, str]:
     if label is None or label not in features:
         raise ValueError(f"no label column found (columns: {list(features)}); set data.label_column")
     return image, label
+
+
+#: how to run without a split that turned out empty
+_SKIP_SPLIT = {
+    "train": "",
+    "val": "; set data.val_split null and data.val_fraction 0 to train without validation",
+    "test": "; set data.test_split null to train without a final test",
+}
+
+
+def _split_description(role: str, cfg: DataConfig) -> str:
+    """How an error names a split: ``the test split 'test' of data set 'disk'``."""
+    name = getattr(cfg, f"{role}_split")
+    what = (
+        f"split {name!r}" if name is not None else f"split held out by data.val_fraction={cfg.val_fraction}"
+    )
+    return f"the {role} {what} of data set {cfg.dataset!r}"
+
+
+def _check_not_empty(role: str, data: Any, cfg: DataConfig) -> None:
+    """``ValueError`` when a split the run would train on or measure with holds no sample (an
+    accuracy over no sample is not a measurement)."""
+    if data is not None and len(data) == 0:
+        raise ValueError(f"{_split_description(role, cfg)} is empty{_SKIP_SPLIT[role]}")
+
+
+def _bad_label_rows(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Indices of the labels that are not integers in ``[0, num_classes)`` (missing ones: NaN or None)."""
+    if labels.dtype.kind in "biu":
+        values = labels.astype(np.int64)
+        return np.flatnonzero((values < 0) | (values >= num_classes))
+    if labels.dtype.kind == "f":
+        whole = np.isfinite(labels) & (labels == np.floor(labels))
+        return np.flatnonzero(~whole | (labels < 0) | (labels >= num_classes))
+    return np.flatnonzero(  # strings, None, mixed objects: integers only
+        [
+            not (isinstance(x, (int, np.integer)) and not isinstance(x, bool) and 0 <= x < num_classes)
+            for x in labels
+        ]
+    )
+
+
+def check_labels(splits: Splits, num_classes: int, cfg: DataConfig) -> None:
+    """``ValueError`` naming the split, the row and the value when a label of a split the run uses is
+    not an integer in ``[0, num_classes)`` (e.g. ``-1``, which 🤗 datasets allows for an unlabeled
+    split). Reads the label column only (Arrow), not the images."""
+    for role in ("train", "val", "test"):
+        data = getattr(splits, role)
+        if data is None:
+            continue
+        column = data.select_columns([splits.label_column]).with_format("arrow")[:].column(0)
+        bad = _bad_label_rows(column.to_numpy(zero_copy_only=False), num_classes)
+        if not bad.size:
+            continue
+        row = int(bad[0])
+        value = column[row].as_py()
+        unlabeled = value is None or value == -1
+        hint = (
+            f": an unlabeled split cannot be trained on or measured{_SKIP_SPLIT[role]}" if unlabeled else ""
+        )
+        raise ValueError(
+            f"{_split_description(role, cfg)} has {bad.size} label(s) outside the model's classes in column "
+            f"{splits.label_column!r}, the first {short_repr(value)} (row {row}); allowed: integers in "
+            f"[0, {num_classes}){hint}"
+        )
 
 
 def load_splits(cfg: DataConfig, seed: int) -> Splits:
@@ -262,6 +334,6 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     if cfg.max_eval_samples is not None:
         val = val.select(range(min(cfg.max_eval_samples, len(val)))) if val is not None else None
         test = test.select(range(min(cfg.max_eval_samples, len(test)))) if test is not None else None
-    if len(train) == 0:
-        raise ValueError(f"train split {cfg.train_split!r} of {cfg.dataset!r} is empty")
+    for role, data in (("train", train), ("val", val), ("test", test)):
+        _check_not_empty(role, data, cfg)
     return Splits(train, val, test, image_col, label_col, class_names)

@@ -34,7 +34,11 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML config file (recipes/configs/*.yaml); defaults if omitted")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (method defaults and seed filled in) and exit",
+    )
     parser.add_argument("--log-level", default="INFO", help="Python logging level (default INFO)")
     return parser
 
@@ -50,18 +54,18 @@ def main(argv: Sequence[str] | None = None, prog: str = "train.py") -> dict[str,
     """Parse arguments, load the installed plugins, train, print the summary; returns it (``None`` for
     ``--print-config``)."""
     parser = build_parser(prog)
-    args, overrides = parser.parse_known_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    args, overrides = parser.parse_known_args(argv)  # --help exits here, before torch is imported
+    from .reporting import configure_console
+
+    # log lines above the progress bar, and informational ones from the main process only
+    configure_console(getattr(logging, str(args.log_level).upper(), logging.INFO))
     try:
         load_plugins()  # installed plugins: before the config names their methods
         cfg = load_config(args.config, overrides)
     except ValueError as err:
         parser.error(str(err))
     if args.print_config:
-        sys.stdout.write(cfg.to_yaml())
+        sys.stdout.write(cfg.resolved().to_yaml())  # the values the run fills in, not null
         return None
     from .loop import InputError, run
 

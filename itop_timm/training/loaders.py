@@ -130,7 +130,8 @@ class ImageClassificationDataset(EpochAware, Dataset):
             return self.transform(image), int(row[self.label_column])
         # torchvision draws from torch's default CPU generator, timm's RandomResizedCrop from `random`:
         # seed both for this sample, then restore them (this may run in the training process itself)
-        sample_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(index)
+        # modulo 2**64: what torch's generators take (every seed that fitted before is unchanged)
+        sample_seed = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(index)) % 2**64
         torch_state, py_state = torch.get_rng_state(), random.getstate()
         torch.default_generator.manual_seed(sample_seed)
         random.seed(sample_seed)

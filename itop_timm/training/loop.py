@@ -9,7 +9,8 @@
 * :meth:`~TrainingRun.train_epoch`: ``accelerator.accumulate`` / ``backward`` / ``optimizer.step``
   (masks and topology updates ride on the step), then per optimizer step the learning rate, the
   metrics log (topology updates through the sparsifier's update hook: :class:`~.reporting.TopologyLog`)
-  and checkpoints; at the epoch's end validation and the best weights;
+  and checkpoints (the logged lr is the one the step trained with); at the epoch's end validation, the
+  best weights and the epoch's console line (:func:`~.reporting.epoch_line`, main process);
 * :meth:`~TrainingRun.finish`: the last checkpoint, the test evaluation and :mod:`.reporting`'s outputs
   (metrics.jsonl, plots, the sparse checkpoint, summary.json).
 """
@@ -19,15 +20,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..distributed import all_ranks_agree
 from ..serialization import atomic_write_text
 from ..sparsifier import Sparsifier
+from ..validation import short_repr
 from .builders import (
     build_accelerator,
     build_averager,
@@ -37,14 +39,17 @@ from .builders import (
     build_sparsifier,
     create_model,
 )
-from .checkpointing import checkpoint_dir, register_state_hooks, remove_stale_temporaries, save_checkpoint
+from .checkpointing import register_state_hooks, remove_stale_temporaries, save_checkpoint
 from .config import TrainConfig
+from .output_folder import OutputBusyError, OutputLock, remove_previous_results
 from .preflight import InputError, preflight
 from .reporting import (
     MetricsLog,
     TopologyLog,
+    epoch_line,
     evaluate,
     evaluate_saved_weights,
+    launch_warnings,
     save_best_weights,
     write_outputs,
 )
@@ -66,10 +71,13 @@ def _not_training(sparsifier: Sparsifier | None) -> contextlib.AbstractContextMa
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train as configured; returns the summary (also written to ``<output_dir>/summary.json``)."""
     training = TrainingRun(cfg)
-    training.set_up()
-    for epoch in range(training.state.epoch, cfg.train.epochs):
-        training.train_epoch(epoch)
-    return training.finish()
+    try:
+        training.set_up()
+        for epoch in range(training.state.epoch, cfg.train.epochs):
+            training.train_epoch(epoch)
+        return training.finish()
+    finally:
+        training.close()
 
 
 class TrainingRun:
@@ -79,6 +87,7 @@ class TrainingRun:
         self.cfg = cfg
         self.output = Path(cfg.run.output_dir)
         self.best_path = self.output / "best.safetensors"
+        self.lock: OutputLock | None = None
 
     # ------------------------------------------------------------------ set-up
     def set_up(self) -> None:
@@ -94,6 +103,11 @@ class TrainingRun:
         num_classes = cfg.model.num_classes or self.splits.num_classes
         self.accelerator = accelerator = build_accelerator(cfg, num_classes)
         self.main = accelerator.is_main_process
+        if self.main:
+            for warning in launch_warnings(
+                accelerator.num_processes, accelerator.device.type, accelerator.mixed_precision
+            ):
+                _logger.warning("%s", warning)
         self._prepare_output(fresh=resume_dir is None)
         set_seed(cfg.train.seed)
         self.threads = configure_threads(cfg.run.num_threads)
@@ -134,17 +148,35 @@ class TrainingRun:
         self._start_clocks()
 
     def _prepare_output(self, fresh: bool) -> None:
-        """The output folder with the run's ``config.yaml``; a fresh run with ``run.overwrite`` replaces
-        the old run's checkpoints."""
+        """The output folder, locked for this run, with the run's ``config.yaml``; a fresh run with
+        ``run.overwrite`` first removes the old run's results."""
         output = self.output
+        self._lock_output()
         if self.main:
-            output.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(output)
             if fresh and self.cfg.run.overwrite:
-                shutil.rmtree(checkpoint_dir(output), ignore_errors=True)
-                self.best_path.unlink(missing_ok=True)
+                remove_previous_results(output)
             atomic_write_text(output / "config.yaml", self.cfg.to_yaml())
         self.accelerator.wait_for_everyone()
+
+    def _lock_output(self) -> None:
+        """Take the output folder's lock (main process) before anything is written there; every rank
+        stops with an :class:`InputError` when another run holds it."""
+        busy = None
+        if self.main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            try:
+                self.lock = OutputLock(self.output)
+            except OutputBusyError as err:
+                busy = err
+        agree, _ = all_ranks_agree(int(busy is None), torch.empty(0, device=self.accelerator.device))
+        if busy is not None or not agree:
+            raise InputError(str(busy or f"{str(self.output)!r} is being written by another run"))
+
+    def close(self) -> None:
+        """Release the output folder's lock (:func:`run` calls it however the run ends)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def _restore(self, resume_dir: Path | None) -> None:
         """Checkpoint the loop position with the sparsifier, averager and RMDA stages; load them when resuming."""
@@ -170,7 +202,8 @@ class TrainingRun:
         )
 
     def _start_clocks(self) -> None:
-        """The loss window, throughput and wall-clock counters, and the progress bar."""
+        """The loss windows (of the log line and of the epoch), throughput and wall-clock counters, and
+        the progress bar (one for the whole run, its description the epoch)."""
         from tqdm.auto import tqdm
 
         cfg, state = self.cfg, self.state
@@ -181,11 +214,15 @@ class TrainingRun:
             total=self.total_steps,
             initial=state.step,
             disable=not (self.main and cfg.run.progress),
-            desc="train",
+            desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
             dynamic_ncols=True,
         )
         self.loss_sum = torch.zeros((), device=self.accelerator.device)
         self.loss_count = restore_loss_window(state.loss_window, self.accelerator, self.loss_sum)
+        # the epoch's mean train loss for its console line ([sum, batches]; after a mid-epoch resume:
+        # over the batches trained since)
+        self.epoch_loss = torch.zeros(2, device=self.accelerator.device)
+        self.step_lr = self.optimizer.param_groups[0]["lr"]
         self.window_start, self.window_steps = time.perf_counter(), 0
         self.run_start = time.perf_counter() - state.train_seconds
         self.seen_writeback = self.averager.last_writeback if self.averager is not None else None
@@ -196,6 +233,9 @@ class TrainingRun:
         """Train ``epoch`` from where it stands (mid-epoch after a resume), then validate."""
         accelerator, model, state = self.accelerator, self.model, self.state
         state.epoch = epoch
+        self.epoch_start = time.perf_counter()
+        self.epoch_loss.zero_()
+        self.progress.set_description(f"epoch {epoch + 1}/{self.cfg.train.epochs}")
         self.data.train_set.set_epoch(epoch)
         self.train_loader.set_epoch(epoch)
         loader = self.train_loader
@@ -212,12 +252,15 @@ class TrainingRun:
             state.batches_in_epoch += 1
             self.loss_sum += loss.detach()
             self.loss_count += 1
+            self.epoch_loss[0] += loss.detach()
+            self.epoch_loss[1] += 1
             if accelerator.sync_gradients:
                 self._after_optimizer_step(epoch)
         self._end_epoch(epoch)
 
     def _after_optimizer_step(self, epoch: int) -> None:
         cfg, state = self.cfg, self.state
+        self.step_lr = self.optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves on
         state.step += 1
         self.window_steps += 1
         self.progress.update(1)
@@ -262,7 +305,7 @@ class TrainingRun:
             "step": self.state.step,
             "epoch": epoch,
             "loss": mean_loss,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": self.step_lr,  # the lr of the step just taken (param_groups hold the next step's)
             "samples_per_s": self.window_steps * self.samples_per_step / max(elapsed, 1e-9),
             "elapsed_s": time.perf_counter() - self.run_start,
         }
@@ -284,16 +327,33 @@ class TrainingRun:
         self.window_start, self.window_steps = time.perf_counter(), 0
 
     def _end_epoch(self, epoch: int) -> None:
-        """Validation (and the best weights so far), the next epoch's position, an epoch-end checkpoint."""
+        """Validation (and the best weights so far), the epoch's console line, the next epoch's position,
+        an epoch-end checkpoint."""
         state = self.state
+        val_top1 = None
         if "val" in self.loaders:
             result = self._log_eval("val", self.loaders["val"])
+            val_top1 = result["top1"]
             if result["top1"] > state.best_val_top1:
                 state.best_val_top1, state.best_epoch = result["top1"], epoch
                 save_best_weights(self.accelerator, self.model, self.best_path)
+        self._print_epoch(epoch, val_top1)
         state.epoch, state.batches_in_epoch = epoch + 1, 0
         if not self.cfg.run.checkpoint_interval and epoch + 1 < self.cfg.train.epochs:
             self.checkpoint()
+
+    def _print_epoch(self, epoch: int, val_top1: float | None) -> None:
+        """The epoch's console line (main process; the loss reduction is collective)."""
+        loss_sum, batches = self.accelerator.reduce(self.epoch_loss, "sum").tolist()
+        sparsifier = self.sparsifier
+        density, itop_rate = (
+            (None, None) if sparsifier is None else (sparsifier.density, sparsifier.itop_rate)
+        )
+        if self.main:  # (the figures above are collective when the model is sharded)
+            seconds = time.perf_counter() - self.epoch_start
+            loss = loss_sum / max(batches, 1)
+            line = epoch_line(epoch + 1, self.cfg.train.epochs, loss, val_top1, density, itop_rate, seconds)
+            _logger.info("%s", line)
 
     def _log_eval(self, split: str, loader: Any) -> dict[str, float]:
         state = self.state
@@ -319,39 +379,62 @@ class TrainingRun:
     # ------------------------------------------------------------------ finish
     def finish(self) -> dict[str, Any]:
         """The last checkpoint, the test evaluation (last and best weights), the run's outputs; returns
-        the summary."""
+        the summary. A failing test evaluation still writes the outputs (the trained model, a summary
+        with ``test_error`` instead of the test figures) before the error propagates."""
         cfg, accelerator, state = self.cfg, self.accelerator, self.state
         self.progress.close()
         state.train_seconds = time.perf_counter() - self.run_start
         self.checkpoint()
         summary = self._summary()
-        if "test" in self.loaders:
-            last = evaluate(self.model, self.loaders["test"], accelerator)
-            summary |= {
-                "test_top1_last": last["top1"],
-                "test_top5_last": last["top5"],
-                "test_loss_last": last["loss"],
-            }
-            if self.best_path.exists():
-                best = evaluate_saved_weights(accelerator, self.model, self.best_path, self.loaders["test"])
-                summary |= {"test_top1_best": best["top1"], "test_top5_best": best["top5"]}
+        try:
+            summary |= self._test_results()
+        except Exception as err:
+            summary["test_error"] = f"{type(err).__name__}: {short_repr(str(err), 300)}"
+            if self.main:
+                _logger.error(
+                    "the test evaluation failed (%s); writing the trained model to %s first",
+                    summary["test_error"],
+                    self.output / "model",
+                )
+            self._write_outputs(summary)
+            raise
+        self._write_outputs(summary)
+        accelerator.wait_for_everyone()
+        if cfg.run.tensorboard:
+            accelerator.end_training()
+        return summary
+
+    def _test_results(self) -> dict[str, Any]:
+        """Top-1/top-5 on the test split of the last weights, and of the best ones where saved (``{}``
+        without a test split)."""
+        if "test" not in self.loaders:
+            return {}
+        last = evaluate(self.model, self.loaders["test"], self.accelerator)
+        results = {
+            "test_top1_last": last["top1"],
+            "test_top5_last": last["top5"],
+            "test_loss_last": last["loss"],
+        }
+        if self.best_path.exists():
+            best = evaluate_saved_weights(self.accelerator, self.model, self.best_path, self.loaders["test"])
+            results |= {"test_top1_best": best["top1"], "test_top5_best": best["top5"]}
+        return results
+
+    def _write_outputs(self, summary: dict[str, Any]) -> None:
+        """The summary record, then the plots, the sparse checkpoint and ``summary.json`` (every rank)."""
         if self.main:
-            self.log.write({"event": "summary", "step": state.step, **summary})
+            self.log.write({"event": "summary", "step": self.state.step, **summary})
         write_outputs(  # every rank: sharded masks and weights are gathered; rank 0 writes
-            cfg,
+            self.cfg,
             self.output,
-            accelerator.unwrap_model(self.model),
+            self.accelerator.unwrap_model(self.model),
             self.sparsifier,
-            state.itop_history,
+            self.state.itop_history,
             self.log,
             summary,
             self.splits.class_names,
             self.main,
         )
-        accelerator.wait_for_everyone()
-        if cfg.run.tensorboard:
-            accelerator.end_training()
-        return summary
 
     def _summary(self) -> dict[str, Any]:
         cfg, state, seconds = self.cfg, self.state, max(self.state.train_seconds, 1e-9)

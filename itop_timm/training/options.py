@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from ..validation import short_repr
+
 __all__ = [
     "section_fields",
     "field_type",
@@ -90,39 +92,39 @@ def check_type(key: str, value: Any, annotation: Any) -> Any:
                 return check_type(key, value, option)
             except ValueError as err:
                 errors.append(str(err))
-        raise ValueError(errors[0] if errors else f"{key}: invalid value {value!r}")
+        raise ValueError(errors[0] if errors else f"{key}: invalid value {short_repr(value)}")
     if annotation is Any:
         return value
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"{key} must be true or false, got {value!r}")
+        raise ValueError(f"{key} must be true or false, got {short_repr(value)}")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ValueError(f"{key} must be an integer, got {value!r}")
+        raise ValueError(f"{key} must be an integer, got {short_repr(value)}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ValueError(f"{key} must be a number, got {value!r}")
+        raise ValueError(f"{key} must be a number, got {short_repr(value)}")
     if annotation is str:
         if isinstance(value, str):
             return value
-        raise ValueError(f"{key} must be a string, got {value!r}")
+        raise ValueError(f"{key} must be a string, got {short_repr(value)}")
     if origin is tuple:
         item = typing.get_args(annotation)[0]
         if isinstance(value, Sequence) and not isinstance(value, str):
             return tuple(check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value))
-        raise ValueError(f"{key} must be a list, got {value!r}")
+        raise ValueError(f"{key} must be a list, got {short_repr(value)}")
     if origin is list:
         (item,) = typing.get_args(annotation)
         if isinstance(value, Sequence) and not isinstance(value, str):
             return [check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-        raise ValueError(f"{key} must be a list, got {value!r}")
+        raise ValueError(f"{key} must be a list, got {short_repr(value)}")
     if origin is dict:
         if isinstance(value, Mapping):
             return dict(value)
-        raise ValueError(f"{key} must be a mapping, got {value!r}")
+        raise ValueError(f"{key} must be a mapping, got {short_repr(value)}")
     raise ValueError(f"{key}: unsupported field type {annotation}")  # pragma: no cover
 
 
@@ -170,19 +172,21 @@ def build_sections(config_cls: type, values: Mapping[str, Any], source: str) -> 
     sections = _sections(config_cls)
     unknown = [k for k in values if k not in sections]
     if unknown:
-        raise ValueError(f"{source}: unknown section(s) {unknown}; valid sections: {list(sections)}")
+        raise ValueError(
+            f"{source}: unknown section(s) {short_repr(unknown, 200)}; valid sections: {list(sections)}"
+        )
     built = {}
     for name, section_cls in sections.items():
         given = values.get(name) or {}
         if not isinstance(given, Mapping):
-            raise ValueError(f"{source}: section {name!r} must be a mapping, got {given!r}")
+            raise ValueError(f"{source}: section {name!r} must be a mapping, got {short_repr(given)}")
         known = [f.name for f in section_fields(section_cls)]
         bad = [k for k in given if k not in known]
         if bad:
             hints = {k: difflib.get_close_matches(k, known, n=1) for k in bad}
             hint = "; ".join(f"{name}.{k}: did you mean {name}.{h[0]}?" for k, h in hints.items() if h)
             raise ValueError(
-                f"{source}: unknown key(s) {[f'{name}.{k}' for k in bad]}"
+                f"{source}: unknown key(s) {short_repr([f'{name}.{k}' for k in bad], 200)}"
                 f"{' (' + hint + ')' if hint else ''}; valid keys in {name!r}: {known}"
             )
         typed = {k: check_type(f"{name}.{k}", v, field_type(section_cls, k)) for k, v in given.items()}
@@ -190,12 +194,45 @@ def build_sections(config_cls: type, values: Mapping[str, Any], source: str) -> 
     return built
 
 
+#: The most values (scalars, lists, mappings and keys) one YAML text may expand to, an alias counted at
+#: every use: a config holds a few hundred; an alias bomb (a few hundred bytes whose anchors nest) holds
+#: billions, and printing or walking them would take minutes and gigabytes.
+MAX_YAML_VALUES = 100_000
+
+
+def _expands_beyond(value: Any, limit: int) -> bool:
+    """Whether ``value`` holds more than ``limit`` values with every alias expanded (a value that
+    contains itself does): a walk that stops at the first value over the limit."""
+    stack, count = [value], 0
+    while stack:
+        count += 1
+        if count > limit:
+            return True
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def parse_yaml(text: str, source: str) -> Any:
-    """``yaml.safe_load`` (which never runs code) with its errors as a ``ValueError`` naming ``source``."""
+    """``yaml.safe_load`` (which never runs code) with its errors as a ``ValueError`` naming ``source``;
+    a text that expands to more than :data:`MAX_YAML_VALUES` values (an alias bomb) or nests deeper
+    than Python's recursion limit is refused the same way."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ValueError(f"{source}: not valid YAML (plain values only, no tags): {err}") from None
+    except RecursionError:
+        raise ValueError(f"{source}: YAML nested too deeply") from None
+    if _expands_beyond(value, MAX_YAML_VALUES):
+        raise ValueError(
+            f"{source}: YAML that expands to more than {MAX_YAML_VALUES} values (aliases counted at every "
+            "use) is refused"
+        )
+    return value
 
 
 def _check_override_key(key: str, config_cls: type, valid: list[str]) -> None:
@@ -216,7 +253,7 @@ def _check_override_key(key: str, config_cls: type, valid: list[str]) -> None:
             return
     close = difflib.get_close_matches(key, valid, n=3)
     raise ValueError(
-        f"unknown config key {key!r}{f' (did you mean {close}?)' if close else ''}; valid keys: {', '.join(valid)}"
+        f"unknown config key {short_repr(key)}{f' (did you mean {close}?)' if close else ''}; valid keys: {', '.join(valid)}"
     )
 
 
@@ -234,11 +271,13 @@ def parse_overrides(args: Sequence[str], config_cls: type) -> dict[str, dict[str
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}: overrides look like --section.key value")
+            raise ValueError(
+                f"unexpected argument {short_repr(arg)}: overrides look like --section.key value"
+            )
         key, eq, raw = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(args):
-                raise ValueError(f"override {arg!r} needs a value")
+                raise ValueError(f"override {short_repr(arg)} needs a value")
             raw = args[i + 1]
             i += 1
         i += 1
@@ -255,7 +294,9 @@ def _with_subkey(mapping: Any, path: list[str], value: Any, name: str) -> dict[s
     if mapping is None:
         mapping = {}
     if not isinstance(mapping, Mapping):
-        raise ValueError(f"cannot set {name}.{'.'.join(path)}: {name} is {mapping!r}, not a mapping")
+        raise ValueError(
+            f"cannot set {name}.{'.'.join(path)}: {name} is {short_repr(mapping)}, not a mapping"
+        )
     out = dict(mapping)
     head, *rest = path
     out[head] = _with_subkey(out.get(head), rest, value, f"{name}.{head}") if rest else value

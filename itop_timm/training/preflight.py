@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,12 @@ from ..config import SparsityConfig
 from ..densities import sparse_parameter_shapes
 from ..sparsifier import Sparsifier
 from .builders import create_model, sparsity_config
-from .checkpointing import checkpoint_dir, list_checkpoints, read_checkpoint_config, resolve_resume
+from .checkpointing import read_checkpoint_config, resolve_resume
 from .config import TrainConfig
-from .data import load_splits
+from .data import check_labels, load_splits
 from .fsdp import check_fsdp_options
+from .output_folder import check_writable, previous_results
+from .reporting import read_metrics
 from .resume import config_differences
 
 __all__ = ["InputError", "check_model_name", "preflight"]
@@ -34,6 +37,27 @@ def check_model_name(name: str) -> None:
         raise ValueError(f"unknown timm model {name!r}{hint}")
 
 
+def check_sparse_compute(cfg: TrainConfig) -> None:
+    """``sparsity.compute=sparse`` runs fp32 CPU kernels: refuse a GPU run and mixed precision."""
+    if not cfg.run.cpu and torch.cuda.is_available():
+        raise ValueError(
+            "sparsity.compute=sparse runs CPU kernels, and this run would train on the GPU: "
+            "set run.cpu true, or use sparsity.compute masked (or auto, which stays dense on a GPU)"
+        )
+    if cfg.train.mixed_precision not in ("no", None):
+        raise ValueError(
+            f"sparsity.compute=sparse computes in fp32, not with train.mixed_precision="
+            f"{cfg.train.mixed_precision}: set train.mixed_precision no, or use sparsity.compute auto"
+        )
+
+
+def single_process_steps(cfg: TrainConfig, train_samples: int) -> int:
+    """The run's optimizer steps on one process (the train loader drops a last partial batch); with
+    several processes sharing the batches, a run has at most this many."""
+    batches = max(1, train_samples // cfg.data.batch_size)
+    return cfg.train.epochs * math.ceil(batches / cfg.train.gradient_accumulation_steps)
+
+
 def preflight(cfg: TrainConfig) -> tuple[Path | None, Any, SparsityConfig | None]:
     """Validate everything that can be checked before training, writing nothing.
 
@@ -47,6 +71,8 @@ def preflight(cfg: TrainConfig) -> tuple[Path | None, Any, SparsityConfig | None
         raise ValueError("train.mixed_precision=fp16 needs a CUDA GPU (loss scaling); use bf16 on the CPU")
     # the method's defaults and options, validated (total_steps is known once the data is prepared)
     config = None if cfg.dense else sparsity_config(cfg, total_steps=1)
+    if config is not None and config.compute == "sparse":
+        check_sparse_compute(cfg)
     if cfg.optim.opt.lower() in ("rmda", "proxsgd") and cfg.optim.weight_decay:
         raise ValueError(
             f"optim.opt={cfg.optim.opt} takes no weight decay (its weight_lambda regularises): set optim.weight_decay 0"
@@ -66,6 +92,7 @@ def preflight(cfg: TrainConfig) -> tuple[Path | None, Any, SparsityConfig | None
             raise ValueError(
                 "run.tensorboard=true needs the tensorboard package (pip install itop-timm[tensorboard])"
             ) from err
+    check_writable(cfg.run.output_dir)
     resume = None
     if cfg.run.resume:
         resume = resolve_resume(cfg.run.resume, cfg.run.output_dir)
@@ -75,16 +102,19 @@ def preflight(cfg: TrainConfig) -> tuple[Path | None, Any, SparsityConfig | None
                 f"cannot resume {str(resume)!r}: it was saved with a different config:\n  "
                 + "\n  ".join(diffs)
             )
-    elif list_checkpoints(checkpoint_dir(cfg.run.output_dir)) and not cfg.run.overwrite:
+        read_metrics(Path(cfg.run.output_dir) / "metrics.jsonl")  # only its last line may be torn
+    elif not cfg.run.overwrite and (found := previous_results(cfg.run.output_dir)):
+        resume_hint = "pass --run.resume latest to continue it, " if "checkpoints" in found else ""
         raise ValueError(
-            f"{cfg.run.output_dir!r} already holds checkpoints of another run: pass --run.resume latest to continue it, "
-            "--run.output_dir to start elsewhere, or --run.overwrite true"
+            f"{cfg.run.output_dir!r} already holds the results of another run ({', '.join(found)}): "
+            f"{resume_hint}pass --run.output_dir to start elsewhere, or --run.overwrite true to replace them"
         )
     splits = load_splits(cfg.data, cfg.train.seed)
     if cfg.model.num_classes is not None and cfg.model.num_classes < splits.num_classes:
         raise ValueError(
             f"model.num_classes={cfg.model.num_classes} but the data set has {splits.num_classes} classes"
         )
+    check_labels(splits, cfg.model.num_classes or splits.num_classes, cfg.data)  # e.g. -1: unlabeled
     with (
         torch.random.fork_rng()
     ):  # a probe model: its arguments and sparse tensors are checked, the RNG untouched
@@ -98,9 +128,12 @@ def preflight(cfg: TrainConfig) -> tuple[Path | None, Any, SparsityConfig | None
             f"no sparse tensor in {cfg.model.name} matches sparsity.include={sections['include']} "
             f"minus sparsity.exclude={sections['exclude']}"
         )
-    if config is not None and config.structure_rule() is not None:
-        # the method's structure rule checks the architecture (chase: removable channel groups) when a
-        # sparsifier binds it: a throw-away one on the probe
+    if config is not None:  # at the run's length: a structure rule checks its schedule (chase: T_c)
+        config = sparsity_config(cfg, single_process_steps(cfg, len(splits.train)))
+    if config is not None and (config.structure_rule() is not None or config.compute != "masked"):
+        # the method's structure rule checks the architecture (chase: removable channel groups), and
+        # compute sparse/auto checks the layers and builds the kernels, when a sparsifier binds them:
+        # a throw-away one on the probe
         with torch.random.fork_rng():
             Sparsifier(probe, torch.optim.SGD(probe.parameters(), lr=0.0), config).remove()
     return resume, splits, config

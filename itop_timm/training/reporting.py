@@ -1,11 +1,15 @@
-"""What a run reports: evaluation, the JSON-lines metrics log, the topology updates (a subscriber of the
-sparsifier's update hook, with the masks' cross-rank check), the best weights, and the files written
-at the end (plots, the sparse checkpoint, ``summary.json``)."""
+"""What a run reports: the console (log lines through the progress bar, on the main process, one line
+per epoch, warnings about the launch), evaluation, the JSON-lines metrics log, the topology updates (a
+subscriber of the sparsifier's update hook, with the masks' cross-rank check), the best weights, and
+the files written at the end (plots, the sparse checkpoint, ``summary.json``)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +26,17 @@ from ..distributed import (
 )
 from ..serialization import atomic_write_text
 from ..sparsifier import Sparsifier
+from ..validation import short_repr
 from .config import TrainConfig, published_config
 from .data import hub_dataset_id
 from .loaders import resolve_data_config
 
 __all__ = [
+    "ConsoleHandler",
+    "MainProcessOnly",
+    "configure_console",
+    "epoch_line",
+    "launch_warnings",
     "evaluate",
     "MetricsLog",
     "TopologyLog",
@@ -35,6 +45,130 @@ __all__ = [
     "evaluate_saved_weights",
     "write_outputs",
 ]
+
+
+#: The console's line format (the recipe's command line; timm's route keeps timm's own).
+CONSOLE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """A stream handler that writes through ``tqdm.write``: a log line goes above the progress bar,
+    which is redrawn below it, instead of breaking it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:  # as logging.StreamHandler: a failing handler never stops the run
+            self.handleError(record)
+
+
+def process_rank() -> int:
+    """This process's rank as set by the launcher (``RANK``: torchrun, ``accelerate launch``); 0 without one."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+class MainProcessOnly(logging.Filter):
+    """Passes every record on rank 0, and only warnings and errors on the other ranks: with N processes
+    each informational line is printed once, not N times."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or process_rank() == 0
+
+
+def configure_console(level: int | str = logging.INFO) -> None:
+    """Root logging for the recipe's command line: :class:`ConsoleHandler` on stderr with
+    :class:`MainProcessOnly` (a no-op when the root logger already has handlers, as
+    :func:`logging.basicConfig`)."""
+    handler = ConsoleHandler()
+    handler.setFormatter(logging.Formatter(CONSOLE_FORMAT))
+    handler.addFilter(MainProcessOnly())
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def epoch_line(
+    epoch: int,
+    epochs: int,
+    train_loss: float,
+    val_top1: float | None,
+    density: float | None,
+    itop_rate: float | None,
+    seconds: float,
+) -> str:
+    """The console's line of one finished epoch (``epoch`` counted from 1), as timm prints one: train
+    loss, validation top-1, density, R_s and the epoch's wall time (absent figures are left out)."""
+    parts = [f"epoch {epoch}/{epochs}", f"train loss {train_loss:.4f}"]
+    if val_top1 is not None:
+        parts.append(f"val top-1 {val_top1:.2f}%")
+    if density is not None:
+        parts.append(f"density {density:.4f}")
+    if itop_rate is not None:
+        parts.append(f"R_s {itop_rate:.4f}")
+    parts.append(f"time {seconds:.1f}s")
+    return "  ".join(parts)
+
+
+_NUM_PROCESSES = re.compile(r"--num[_-]processes(?:=(\d+))?$")
+
+
+def requested_processes(launcher_argv: Sequence[str]) -> int | None:
+    """The ``--num_processes`` of an ``accelerate launch`` command line (``None``: not one, or not given)."""
+    accelerate_launch = any(a.endswith("accelerate.commands.launch") for a in launcher_argv) or (
+        "launch" in launcher_argv and any(os.path.basename(a) == "accelerate" for a in launcher_argv)
+    )
+    if not accelerate_launch:
+        return None
+    for i, arg in enumerate(launcher_argv):
+        match = _NUM_PROCESSES.match(arg)
+        if match is None:
+            continue
+        value = match.group(1) if match.group(1) is not None else (launcher_argv[i + 1 : i + 2] or [""])[0]
+        return int(value) if value.isdigit() else None
+    return None
+
+
+def launcher_argv() -> list[str]:
+    """The command line of the process that started this one (``[]`` when it cannot be read)."""
+    try:
+        import psutil  # a dependency of Accelerate
+
+        return list(psutil.Process(os.getppid()).cmdline())
+    except Exception:  # no such process, no permission, no psutil: nothing to compare
+        return []
+
+
+def launch_warnings(
+    num_processes: int, device_type: str, mixed_precision: str, launcher: Sequence[str] | None = None
+) -> list[str]:
+    """What the console should warn about how the run was launched (the main process logs them):
+
+    * ``accelerate launch --num_processes N`` without ``--multi_gpu`` (or another distributed flag)
+      starts a single process: the requested and actual world sizes differ;
+    * bf16 autocast on a CPU, which can be far slower than fp32 (about 10x measured at the demo's
+      shape on an AVX-512-BF16 CPU).
+
+    ``launcher``: the parent process's command line (default: read with psutil)."""
+    warnings = []
+    requested = requested_processes(launcher_argv() if launcher is None else launcher)
+    if requested is not None and requested != num_processes:
+        warnings.append(
+            f"accelerate launch was asked for {requested} processes but this run has {num_processes}: "
+            "without a GPU per process, accelerate launch starts several processes only with --multi_gpu "
+            f"(e.g. accelerate launch --multi_gpu --num_processes {requested} ...)"
+        )
+    if device_type == "cpu" and mixed_precision == "bf16":
+        warnings.append(
+            "bf16 autocast on the CPU: often much slower than fp32 (about 10x measured at the demo's shape); "
+            "for CPU training set train.mixed_precision: no"
+        )
+    return warnings
 
 
 @torch.no_grad()
@@ -55,7 +189,8 @@ def evaluate(model: torch.nn.Module, loader: Any, accelerator: Any) -> dict[str,
         correct5 += float(hit5.sum())
         count += y.numel()
     model.train()
-    count = max(count, 1)
+    if count == 0:  # preflight refuses empty splits: an accuracy over no sample is never reported
+        raise ValueError("evaluation over an empty split: nothing was measured")
     return {
         "top1": 100.0 * correct1 / count,
         "top5": 100.0 * correct5 / count,
@@ -64,18 +199,53 @@ def evaluate(model: torch.nn.Module, loader: Any, accelerator: Any) -> dict[str,
     }
 
 
+def _json_record(line: str) -> dict[str, Any] | None:
+    """The JSON object on ``line``, ``None`` when it is not one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def read_metrics(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+    """The records of a metrics log as ``(line, record)`` pairs, and its torn last line (``None`` when
+    the last line is whole): a run killed (or out of disk) while appending leaves at most that one
+    broken. A broken line before the last is not a torn append: ``ValueError`` naming file and line."""
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    records: list[tuple[str, dict[str, Any]]] = []
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        record = _json_record(line)
+        if record is None:
+            if number == len(lines):
+                return records, line
+            raise ValueError(
+                f"{str(path)!r} line {number} is not a JSON record: {short_repr(line)} (only the last line "
+                "can be torn by a killed run; move the file away to resume without its history)"
+            )
+        records.append((line, record))
+    return records, None
+
+
 class MetricsLog:
-    """One JSON object per line in ``metrics.jsonl`` (main process only)."""
+    """One JSON object per line in ``metrics.jsonl`` (main process only). A resumed run keeps the
+    records up to its step; a torn last record (the run was killed while appending it) is dropped
+    with a warning."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
         self.path = path
         self.enabled = enabled
         if enabled and resume_step is not None and path.exists():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line and json.loads(line).get("step", 0) <= resume_step
-            ]
+            records, torn = read_metrics(path)
+            if torn is not None:
+                logging.getLogger(__name__).warning(
+                    "%s: dropped its torn last record (the run was stopped while writing it): %s",
+                    path,
+                    short_repr(torn),
+                )
+            kept = [line for line, record in records if record.get("step", 0) <= resume_step]
             atomic_write_text(path, "".join(line + "\n" for line in kept))
         elif enabled and resume_step is None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +259,7 @@ class MetricsLog:
     def records(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return [record for _, record in read_metrics(self.path)[0]]
 
 
 def check_masks_identical(sparsifier: Sparsifier, step: int) -> int:
@@ -158,16 +328,18 @@ def save_best_weights(accelerator: Any, model: torch.nn.Module, path: Path) -> N
 def evaluate_saved_weights(
     accelerator: Any, model: torch.nn.Module, path: Path, loader: Any
 ) -> dict[str, float]:
-    """:func:`evaluate` with the weights of ``path`` loaded; the model's own weights are put back."""
+    """:func:`evaluate` with the weights of ``path`` loaded; the model's own weights are put back (also
+    when the evaluation fails)."""
     from safetensors.torch import load_file
 
     unwrapped = accelerator.unwrap_model(model)
     current = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
     accelerator.wait_for_everyone()
-    load_full_state_dict(unwrapped, load_file(str(path)))
-    result = evaluate(model, loader, accelerator)
-    unwrapped.load_state_dict(current)
-    return result
+    try:
+        load_full_state_dict(unwrapped, load_file(str(path)))
+        return evaluate(model, loader, accelerator)
+    finally:
+        unwrapped.load_state_dict(current)
 
 
 def write_outputs(

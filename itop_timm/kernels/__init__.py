@@ -1,0 +1,1 @@
+"""CPU sparse kernels: layers computed over their active weights only (``compute="sparse"``)."""
