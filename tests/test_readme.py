@@ -43,7 +43,7 @@ SUBSTITUTIONS = {
 
 #: a text found in exactly one skipped block -> why it cannot run here
 SKIPPED = {
-    "bash recipes/demo.sh": "the demo trains for 13-16 min and the suite runs minutes (the README's first lines)",
+    "bash recipes/demo.sh": "the demo trains for about 6 min and the suite runs minutes (the README's first lines)",
     "python3 -m uv sync --locked": "builds the environment from the package registries (network); "
     "the test runs in that environment",
     "python -m itop_timm.timm_train path/to/pytorch-image-models/train.py": "needs a pytorch-image-models "
