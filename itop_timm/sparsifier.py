@@ -407,9 +407,7 @@ class Sparsifier:
         rng = state.get("generator_state")
         if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
             raise ValueError("invalid generator_state in sparsifier state")
-        plan = state.get("compute_plan", {})
-        if not isinstance(plan, Mapping):
-            raise ValueError("invalid compute_plan in sparsifier state")
+        plan = SparseCompute.check_plan(state.get("compute_plan", {}))
         if self.structure is not None and not isinstance(state.get("structure"), Mapping):
             raise ValueError(f"method {self.method.name!r} needs its structure state in the sparsifier state")
         saved_config = state.get("config", {})

@@ -343,3 +343,14 @@ def test_auto_without_a_compiler_falls_back_to_masked_with_one_warning(no_compil
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "no-such-compiler-xyz" in warnings[0].getMessage()
     assert not sp._compute.layers and not any("forward" in vars(m) for m in model.modules())
+
+
+def test_a_bad_compute_plan_in_a_state_is_refused_before_anything_changes():
+    model, optimizer, sp = sparse_model("resnet10t", {}, "auto")
+    train(model, optimizer, 1)
+    state = sp.state_dict()
+    state["compute_plan"] = {**state["compute_plan"], "layer1.0.conv1.weight": "fast"}
+    state["step"] = 99
+    with pytest.raises(ValueError, match=r"compute plan: values must be 'sparse' or 'dense', got .*'fast'"):
+        sp.load_state_dict(state)
+    assert sp.step == 1  # nothing was applied

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..validation import short_repr
 from .build import KernelBuildError, load_kernels
 from .modes import COMPUTE_MODES
 from .ops import LayerIndex, layer_index, sparse_conv2d, sparse_linear
@@ -222,11 +223,19 @@ class SparseCompute:
         """The per-layer decisions (``auto``), so a resumed run computes every layer the same way."""
         return dict(self.plan)
 
-    def load_state_dict(self, plan: Mapping[str, str]) -> None:
-        """Restore :meth:`state_dict` (layers not computed here are ignored)."""
-        bad = {k: v for k, v in plan.items() if v not in ("sparse", "dense")}
+    @staticmethod
+    def check_plan(plan: Any) -> dict[str, str]:
+        """A saved :meth:`state_dict`, validated (``ValueError`` naming what is wrong)."""
+        if not isinstance(plan, Mapping) or not all(isinstance(k, str) for k in plan):
+            raise ValueError("compute plan: must be a mapping of layer names")
+        bad = {k: short_repr(v) for k, v in plan.items() if v not in ("sparse", "dense")}
         if bad:
             raise ValueError(f"compute plan: values must be 'sparse' or 'dense', got {bad}")
+        return dict(plan)
+
+    def load_state_dict(self, plan: Mapping[str, str]) -> None:
+        """Restore :meth:`state_dict` (checked by :meth:`check_plan`; layers not computed here are ignored)."""
+        plan = self.check_plan(plan)
         self.plan.update({name: choice for name, choice in plan.items() if name in self.layers})
 
     def remove(self) -> None:
