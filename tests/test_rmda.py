@@ -7,6 +7,7 @@ import math
 
 import pytest
 import timm
+import timm.optim
 import torch
 from torch import nn
 
