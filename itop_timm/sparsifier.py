@@ -137,6 +137,7 @@ class Sparsifier:
             if self.method.dynamic
             else None
         )
+        self._dense_gradients: tuple[int, bool] | None = None  # (step, whether the next step needs them)
         self._compute = self._sparse_compute(config.compute)  # validates the layers, builds the kernels
         # -- validation done: from here on the model and optimizer are modified --
         self._state = MaskState(self._params, initial, grad_ema=self.method.grad_ema_beta is not None)
@@ -197,8 +198,15 @@ class Sparsifier:
         return SparseCompute(self.model, list(self._params), mode, self._needs_dense_gradients)
 
     def _needs_dense_gradients(self) -> bool:
-        """Whether the coming step's topology update reads dense gradients (then computed densely)."""
-        return self.method.needs_grad and self.update_due(self.step + 1)
+        """Whether the coming step's topology update reads dense gradients (then computed densely);
+        asked by every sparse layer's forward, so worked out once per step."""
+        cached = self._dense_gradients
+        if cached is None or cached[0] != self.step:
+            cached = self._dense_gradients = (
+                self.step,
+                self.method.needs_grad and self.update_due(self.step + 1),
+            )
+        return cached[1]
 
     def _initial_mask(self, name: str, shape: tuple[int, ...], count: int) -> torch.Tensor:
         """``count`` active weights: placed by the structure rule if it wants to, else uniformly at random."""

@@ -17,6 +17,7 @@
 // Plain C ABI, no dependency on torch: loaded with ctypes (see build.py).
 
 #include <cstdint>
+#include <type_traits>
 
 using i64 = int64_t;
 using i32 = int32_t;
@@ -268,6 +269,18 @@ void weight_grad(const Geometry& g, const float* x, const float* gy, float* gw, 
   }
 }
 
+// Calls f(std::integral_constant<int, S>) with S the stride when it is 1 or 2, else 0 (read at run time):
+// each kernel is compiled once per case, with shifts instead of divisions for 1 and 2.
+template <class F>
+inline void with_stride(i64 stride, F&& f) {
+  if (stride == 1)
+    f(std::integral_constant<int, 1>{});
+  else if (stride == 2)
+    f(std::integral_constant<int, 2>{});
+  else
+    f(std::integral_constant<int, 0>{});
+}
+
 }  // namespace
 
 extern "C" {
@@ -290,12 +303,7 @@ void itop_sparse_forward(const i64* geometry, const float* x, const float* w, co
 void itop_sparse_input_grad(const i64* geometry, const float* gy, const float* w, float* gx,
                             const i64* in_ptr, const i64* in_flat, const i32* in_o, int threads) {
   const Geometry g(geometry);
-  if (g.stride == 1)
-    input_grad<1>(g, gy, w, gx, in_ptr, in_flat, in_o, threads);
-  else if (g.stride == 2)
-    input_grad<2>(g, gy, w, gx, in_ptr, in_flat, in_o, threads);
-  else
-    input_grad<0>(g, gy, w, gx, in_ptr, in_flat, in_o, threads);
+  with_stride(g.stride, [&](auto s) { input_grad<decltype(s)::value>(g, gy, w, gx, in_ptr, in_flat, in_o, threads); });
 }
 
 // gw = the gradient of the loss with respect to the weight at its active entries (gw's other entries
@@ -303,12 +311,7 @@ void itop_sparse_input_grad(const i64* geometry, const float* gy, const float* w
 void itop_sparse_weight_grad(const i64* geometry, const float* x, const float* gy, float* gw,
                              const i64* out_ptr, const i64* out_flat, const i32* out_ch, int threads) {
   const Geometry g(geometry);
-  if (g.stride == 1)
-    weight_grad<1>(g, x, gy, gw, out_ptr, out_flat, out_ch, threads);
-  else if (g.stride == 2)
-    weight_grad<2>(g, x, gy, gw, out_ptr, out_flat, out_ch, threads);
-  else
-    weight_grad<0>(g, x, gy, gw, out_ptr, out_flat, out_ch, threads);
+  with_stride(g.stride, [&](auto s) { weight_grad<decltype(s)::value>(g, x, gy, gw, out_ptr, out_flat, out_ch, threads); });
 }
 
 }  // extern "C"
