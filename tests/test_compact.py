@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import timm
 import torch
 import torch_pruning as tp
+from helpers import checkpoint_metadata, forge_metadata, write_folder
 from torch import nn
 
 from itop_timm.checkpoint import SparseState, load_sparse, save_sparse
@@ -255,6 +257,47 @@ def test_save_and_load_rebuild_the_compact_architecture(tmp_path):
     x = torch.randn(4, 3, size, size)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_trace_memory_is_estimated_on_the_meta_device():
+    from itop_timm.structured.dependency import trace_memory_bytes
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    small = trace_memory_bytes(model, torch.zeros(1, 3, 64, 64))
+    # the input size of issue 27's forged checkpoint: ~15 GB to trace, nothing allocated to estimate it
+    huge = trace_memory_bytes(model, torch.empty(1, 3, 8192, 8192, device="meta"))
+    assert small is not None and huge is not None
+    assert 0.5 * 2**20 < small < 16 * 2**20  # 64 px: about 2 MiB of activations
+    assert huge == pytest.approx(small * (8192 / 64) ** 2, rel=0.05)  # activations scale with the pixels
+    assert huge > 15 * 2**30
+
+
+def test_a_forged_input_size_is_refused_before_the_trace_allocates(tmp_path, monkeypatch):
+    from itop_timm.checkpoint import CheckpointError
+    from itop_timm.structured.dependency import tracing
+
+    model, size = make_model("resnet18")
+    masks = random_masks(model, 0.7, seed=4)
+    masks["layer2.0.conv2.weight"][:, [3, 4]] = False
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in masks:
+                p.mul_(masks[n])
+    _, report = compact(model, torch.zeros(1, 3, size, size), masks=masks)
+    saved = save_sparse(model, SparseState(report["masks"]), tmp_path / "saved", model_name="resnet18")
+    files = {p.name: p.read_bytes() for p in saved.iterdir()}
+    meta = checkpoint_metadata(files)
+    meta["structured"]["input_size"] = [3, 1024, 1024]  # within the element bound: 0.4 GiB to trace
+    folder = write_folder(tmp_path / "ckpt", forge_metadata(files, json.dumps(meta)))
+    monkeypatch.setattr(tracing, "MAX_TRACE_BYTES", 64 * 2**20)  # a limit this forged size exceeds
+    traced = []
+    monkeypatch.setattr(
+        "torch_pruning.DependencyGraph.build_dependency", lambda *a, **k: traced.append(a) or None
+    )
+
+    with pytest.raises(CheckpointError, match=r"ckpt.*would keep 0\.4\d GiB of activations, more than"):
+        load_sparse(folder)
+    assert not traced  # refused on the estimate, before torch-pruning ran anything
 
 
 def test_compact_checkpoint_round_trip(tmp_path):

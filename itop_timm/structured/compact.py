@@ -53,7 +53,6 @@ _logger = logging.getLogger(__name__)
 HISTORY_ATTR = ARCHITECTURE_ATTR  # the checkpoint format's extension point
 # |output change| allowed on the example input for an exact compaction (summation order changes only)
 _OUTPUT_RTOL = 1e-4
-# most elements of the example input a recorded history is replayed with (a forged size must not exhaust memory)
 
 
 # ----------------------------------------------------------------------------- validation

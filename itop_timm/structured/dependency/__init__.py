@@ -11,12 +11,15 @@
 from .groups import ChannelGroup, ChannelTrace, TracedGroup, coupled_channel_groups, trace_channel_groups
 from .slices import ChannelSlice, channel_numel, group_item_slices, per_position
 from .tracing import (
+    MAX_TRACE_BYTES,
     MAX_TRACE_ELEMENTS,
     build_graph,
     call_model,
     check_input_size,
+    check_trace_memory,
     model_label,
     run_example,
+    trace_memory_bytes,
     tracing_state,
 )
 from .units import ChannelUnit, default_input_size, removable_units
@@ -40,5 +43,8 @@ __all__ = [
     "run_example",
     "tracing_state",
     "check_input_size",
+    "check_trace_memory",
+    "trace_memory_bytes",
     "MAX_TRACE_ELEMENTS",
+    "MAX_TRACE_BYTES",
 ]

@@ -21,7 +21,10 @@ __all__ = [
     "tracing_state",
     "build_graph",
     "check_input_size",
+    "trace_memory_bytes",
+    "check_trace_memory",
     "MAX_TRACE_ELEMENTS",
+    "MAX_TRACE_BYTES",
 ]
 
 
@@ -125,11 +128,16 @@ class tracing_state:
 def build_graph(model: nn.Module, example_inputs: Any) -> Any:
     """A torch-pruning ``DependencyGraph`` of ``model`` (call inside :class:`tracing_state`).
 
+    The activations the trace would keep are estimated first (:func:`check_trace_memory`), so an input
+    size from an option or a checkpoint cannot make it allocate more than :data:`MAX_TRACE_BYTES`.
+
     Raises:
-        ValueError: naming the model when torch-pruning cannot trace it.
+        ValueError: naming the model when torch-pruning cannot trace it, or when the trace would need more
+            than :data:`MAX_TRACE_BYTES`.
     """
     import torch_pruning as tp
 
+    check_trace_memory(model, example_inputs)
     try:
         with torch.enable_grad():
             return tp.DependencyGraph().build_dependency(
@@ -141,9 +149,69 @@ def build_graph(model: nn.Module, example_inputs: Any) -> Any:
         ) from err
 
 
-#: the most elements (C·H·W) a traced example input may have: 3 × 1024 × 1024. Tracing keeps every
-#: activation, so this bounds what an option or a checkpoint's metadata can make the tracer allocate.
+#: the most elements (C·H·W) a traced example input may have: 3 × 1024 × 1024 (a first, model-blind
+#: bound, checked before anything runs; :data:`MAX_TRACE_BYTES` is the bound on memory).
 MAX_TRACE_ELEMENTS = 3 * 1024 * 1024
+
+#: the most bytes of activations a trace may keep (4 GiB), as :func:`trace_memory_bytes` estimates them.
+#: Tracing keeps every activation, so this bounds what an option or a checkpoint's metadata (its model
+#: and input size) can make the tracer allocate.
+MAX_TRACE_BYTES = 4 * 2**30
+
+
+class _OutputBytes(torch.overrides.TorchFunctionMode):
+    """Sums the bytes of every new tensor a forward pass creates (views and in-place results excluded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(a) for a in args if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and id(t) not in inputs and not t._is_view():
+                self.total += t.numel() * t.element_size()
+        return out
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.empty_like(value, device="meta")
+    if isinstance(value, dict):
+        return {k: _to_meta(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_meta(v) for v in value)
+    return value
+
+
+def trace_memory_bytes(model: nn.Module, example_inputs: Any) -> int | None:
+    """Bytes of the activations a forward pass of ``model`` on ``example_inputs`` creates, measured on the
+    meta device (nothing is allocated, whatever the sizes); ``None`` when the model cannot run on the
+    meta device (e.g. a forward that reads a tensor's values)."""
+    state = {n: _to_meta(t) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    counter = _OutputBytes()
+    try:
+        with torch.no_grad(), counter:
+            torch.func.functional_call(model, state, _to_meta(example_inputs))
+    except Exception:
+        return None
+    return counter.total
+
+
+def check_trace_memory(model: nn.Module, example_inputs: Any, limit: int | None = None) -> None:
+    """Refuse (``ValueError``, naming the model, the estimate and the limit) a trace of ``model`` on
+    ``example_inputs`` that would keep more than ``limit`` bytes of activations (default
+    :data:`MAX_TRACE_BYTES`). A model that cannot run on the meta device is not estimated;
+    :data:`MAX_TRACE_ELEMENTS` still bounds its input."""
+    limit = MAX_TRACE_BYTES if limit is None else limit
+    need = trace_memory_bytes(model, example_inputs)
+    if need is not None and need > limit:
+        raise ValueError(
+            f"tracing {model_label(model)} on the example input {_describe(example_inputs)} would keep "
+            f"{need / 2**30:.2f} GiB of activations, more than the {limit / 2**30:.2f} GiB allowed: "
+            "use a smaller input size"
+        )
 
 
 def check_input_size(value: Any) -> list[int]:
