@@ -56,6 +56,25 @@ def timed(fn: Callable[[], Any], sync: bool = False) -> float:
     return time.perf_counter() - start
 
 
+def latency(
+    models: dict[str, torch.nn.Module], batch: int, reps: int, size: int, in_chans: int = 3
+) -> dict[str, float]:
+    """Median seconds per forward pass of each model on one ``(batch, in_chans, size, size)`` input, the
+    models timed round-robin (so a change of machine load hits them alike), after 3 warm-up passes."""
+    x = torch.randn(batch, in_chans, size, size)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            for _ in range(3):
+                model(x)
+        for _ in range(reps):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(x)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

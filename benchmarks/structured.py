@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from _common import (
     add_reuse_flag,
     aggregate_seeds,
     fashion_mnist_config,
+    latency,
     machine,
     run_recipe,
     write_json,
@@ -37,22 +37,6 @@ from _common import (
 
 from itop_timm.checkpoint import load_sparse
 from itop_timm.structured import compact
-
-
-def latency(models: dict[str, torch.nn.Module], batch: int, reps: int, size: int = 28) -> dict[str, float]:
-    """Median seconds per forward pass, the models timed round-robin on the same input."""
-    x = torch.randn(batch, 1, size, size)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for model in models.values():
-            for _ in range(3):
-                model(x)
-        for _ in range(reps):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(x)
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 @torch.inference_mode()
@@ -223,7 +207,7 @@ def main() -> None:
                         if (size, batch) == (28, 1)
                         else max(3, args.reps // (4 if size == 28 else 6))
                     )
-                    lat = latency({"dense": dense_model, "model": small}, batch, reps, size)
+                    lat = latency({"dense": dense_model, "model": small}, batch, reps, size, in_chans=1)
                     row[f"latency_ms_{size}px_b{batch}"] = lat["model"] * 1e3
                     row[f"speedup_{size}px_b{batch}"] = lat["dense"] / lat["model"]
             rows.append(row)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from .cuts import Cuts, slice_like
 from .distributed import broadcast_masks, full_tensor, global_counts, local, shard_like
 from .masks import validate_masks
 
@@ -30,6 +31,7 @@ class CheckedState(NamedTuple):
     masks: dict[str, torch.Tensor]
     ever_active: dict[str, torch.Tensor]
     grad_ema: dict[str, torch.Tensor] | None
+    shrunk: tuple[int, int]
 
 
 def random_mask(shape: tuple[int, ...], count: int, generator: torch.Generator) -> torch.Tensor:
@@ -64,13 +66,16 @@ class MaskState:
             else None
         )
         self.sharded = any(isinstance(m, DTensor) for m in self.masks.values())
+        #: weights sliced out of the model by :meth:`shrink`, and how many of them were ever active: they
+        #: still count in N and in the union, so density and R_s mean what they mean without a shrink
+        self.shrunk = (0, 0)
         self._counted = (0, 0)
         self.recount()
 
     @property
     def num_weights(self) -> int:
-        """N: number of weights in all sparse tensors."""
-        return sum(m.numel() for m in self.masks.values())
+        """N: number of weights in all sparse tensors (those sliced out by a shrink included)."""
+        return sum(m.numel() for m in self.masks.values()) + self.shrunk[0]
 
     def follow_devices(self) -> None:
         """Move masks (and union/EMA) to their parameter's device, e.g. after ``accelerator.prepare``."""
@@ -107,6 +112,30 @@ class MaskState:
         return removed
 
     @torch.no_grad()
+    def shrink(self, cuts: Cuts) -> None:
+        """Slice the masks, union masks and EMAs of the parameters in ``cuts`` like the parameters were (a
+        structure rule's live shrink; the sliced positions must be inactive already)."""
+        if self.sharded:
+            raise ValueError("shrink: sharded (FSDP) masks cannot be sliced")
+        removed, removed_union = self.shrunk
+        for name, param_cuts in cuts.items():
+            if name not in self.masks:
+                continue
+            mask, union = (
+                slice_like(self.masks[name], param_cuts),
+                slice_like(self.ever_active[name], param_cuts),
+            )
+            if int(mask.sum()) != int(self.masks[name].sum()):
+                raise RuntimeError(f"shrink: active weights of {name} were sliced out (restrict them first)")
+            removed += self.masks[name].numel() - mask.numel()
+            removed_union += int(self.ever_active[name].sum()) - int(union.sum())
+            self.masks[name], self.ever_active[name] = mask, union
+            if self.grad_ema is not None:
+                self.grad_ema[name] = slice_like(self.grad_ema[name], param_cuts)
+        self.shrunk = (removed, removed_union)
+        self.recount()
+
+    @torch.no_grad()
     def update_grad_ema(self, beta: float) -> None:
         """``ema ← beta·ema + (1 − beta)·grad`` for every parameter with a gradient (local shards)."""
         emas, grads = [], []
@@ -123,7 +152,7 @@ class MaskState:
         changes every rank passes together, so :meth:`totals` never is one)."""
         self._counted = (
             sum(global_counts(list(self.masks.values()))),
-            sum(global_counts(list(self.ever_active.values()))),
+            sum(global_counts(list(self.ever_active.values()))) + self.shrunk[1],
         )
         return self._counted
 
@@ -148,11 +177,16 @@ class MaskState:
         }
         if self.grad_ema is not None:
             state["grad_ema"] = {name: _full_cpu(t) for name, t in self.grad_ema.items()}
+        if self.shrunk != (0, 0):
+            state["shrunk"] = list(self.shrunk)
         return state
 
-    def check_state(self, state: Mapping[str, Any], method: str) -> CheckedState:
-        """Validate a saved :meth:`state_dict` against these parameters; changes nothing."""
-        shapes = {name: tuple(p.shape) for name, p in self.params.items()}
+    def check_state(
+        self, state: Mapping[str, Any], method: str, shapes: Mapping[str, tuple[int, ...]] | None = None
+    ) -> CheckedState:
+        """Validate a saved :meth:`state_dict` against these parameters (or the ``shapes`` they will have
+        after a shrink the state records); changes nothing."""
+        shapes = shapes or {name: tuple(p.shape) for name, p in self.params.items()}
         masks = validate_masks(state.get("masks"), shapes, what="masks")
         union = validate_masks(state.get("ever_active"), shapes, what="ever_active")
         uncovered = [name for name in shapes if bool((masks[name] & ~union[name]).any())]
@@ -165,7 +199,15 @@ class MaskState:
             or any(not isinstance(ema[n], torch.Tensor) or tuple(ema[n].shape) != shapes[n] for n in shapes)
         ):
             raise ValueError(f"method {method!r} needs grad_ema for every sparse tensor in the state")
-        return CheckedState(masks, union, ema if self.grad_ema is not None else None)
+        shrunk = state.get("shrunk", [0, 0])
+        if (
+            not isinstance(shrunk, (list, tuple))
+            or len(shrunk) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shrunk)
+            or shrunk[1] > shrunk[0]
+        ):
+            raise ValueError(f"shrunk must be [weights sliced out, of them ever active], got {shrunk!r}")
+        return CheckedState(masks, union, ema if self.grad_ema is not None else None, (shrunk[0], shrunk[1]))
 
     def load(self, checked: CheckedState) -> None:
         """Restore a validated state (sharded here like the parameters)."""
@@ -174,4 +216,5 @@ class MaskState:
             self.ever_active[name] = shard_like(checked.ever_active[name], p)
             if self.grad_ema is not None:
                 self.grad_ema[name] = shard_like(checked.grad_ema[name].to(torch.float32), p)
+        self.shrunk = checked.shrunk
         self.recount()

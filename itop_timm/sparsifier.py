@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .config import SparsityConfig
+from .cuts import Cuts, cut_shape, shrink_optimizer_state
 from .densities import active_counts, compute_layer_densities, sparse_parameter_shapes
 from .distributed import check_supported_wrapping
 from .kernels.compute import SparseCompute
@@ -109,6 +110,12 @@ class Sparsifier:
             counts = active_counts(shapes, self.target_densities)
         rule = config.structure_rule()
         self.structure = None if rule is None else copy.copy(rule)  # this run's copy of the config's rule
+        if getattr(rule, "shrink", False) and isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                "method_options shrink with a DistributedDataParallel model: DDP's reducer holds the "
+                "parameters, which a shrink slices; sparsify the unwrapped model and rebuild the DDP "
+                "wrapper after every shrink (an update hook's 'shrink' event), or leave shrink off"
+            )
         if self.structure is not None:  # may refuse the architecture, naming the layer
             self.structure.bind(
                 RuleContext(
@@ -251,6 +258,9 @@ class Sparsifier:
             allowed = self.structure.after_step(self.step, self._params)
             if allowed:
                 self.restrict(allowed)
+                cuts = self.structure.shrink_cuts()
+                if cuts:
+                    self._shrink(cuts)
         if self._state.grad_ema is not None:
             self._state.update_grad_ema(self.method.grad_ema_beta)
         if self.update_due(self.step):
@@ -304,6 +314,32 @@ class Sparsifier:
         self._masks_changed(stats)
         self._notify_update(stats)
         return stats
+
+    def _shrink_model(self, cuts: Cuts) -> None:
+        """Slice ``cuts`` out of the optimizer state (checked first) and the model (the structure rule)."""
+        shrink_optimizer_state(self.optimizer, dict(self.model.named_parameters()), cuts)
+        self.structure.apply_shrink(cuts)
+
+    @torch.no_grad()
+    def _shrink(self, cuts: Cuts) -> None:
+        """After the structure rule removed units for good (their weights restricted away): slice them out
+        of the live model, its optimizer state and the masks, and tell the update hooks (``"event"``
+        ``"shrink"``, with the ``cuts`` so that owners of other parameter-shaped tensors slice them too)."""
+        before = sum(p.numel() for p in self.model.parameters())
+        self._shrink_model(cuts)
+        self._state.shrink(cuts)
+        self.apply_masks()
+        stats = {
+            "step": self.step,
+            "event": "shrink",
+            "cuts": cuts,
+            "params_before": before,
+            "params_after": sum(p.numel() for p in self.model.parameters()),
+        }
+        _logger.info(
+            "shrink at step %d: %d -> %d parameters", self.step, stats["params_before"], stats["params_after"]
+        )
+        self._notify_update(stats)
 
     def _masks_changed(self, stats: dict[str, Any]) -> None:
         """After masks changed on every rank: re-mask weights and state, count, add the figures to ``stats``."""
@@ -410,21 +446,27 @@ class Sparsifier:
         validates everything before changing anything."""
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not an itop_timm sparsifier state (expected format {STATE_FORMAT!r})")
-        checked = self._state.check_state(state, self.method.name)
+        if self.structure is not None and not isinstance(state.get("structure"), Mapping):
+            raise ValueError(f"method {self.method.name!r} needs its structure state in the sparsifier state")
+        # a state saved after a live shrink: the model is first brought to the shapes it had then
+        cuts = None if self.structure is None else self.structure.shrink_cuts(state["structure"])
+        shapes = {name: cut_shape(p.shape, (cuts or {}).get(name, [])) for name, p in self._params.items()}
+        checked = self._state.check_state(state, self.method.name, shapes)
         step = Range(int, 0).check("sparsifier state: step", state.get("step"))
         rng = state.get("generator_state")
         if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
             raise ValueError("invalid generator_state in sparsifier state")
         plan = SparseCompute.check_plan(state.get("compute_plan", {}))
-        if self.structure is not None and not isinstance(state.get("structure"), Mapping):
-            raise ValueError(f"method {self.method.name!r} needs its structure state in the sparsifier state")
         saved_config = state.get("config", {})
         differing = sorted(
             k for k, v in self.config.to_dict().items() if k in saved_config and saved_config[k] != v
         )
         if differing:
             _logger.warning("loading sparsifier state saved with different settings: %s", differing)
-        # -- validated (the rule validates its own state before changing it): apply --
+        # -- validated (the rule validates its own state, the optimizer state is checked before it is
+        # sliced): apply --
+        if cuts:
+            self._shrink_model(cuts)
         if self.structure is not None:
             self.structure.load_state_dict(state["structure"])
         self._state.load(checked)

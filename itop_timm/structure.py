@@ -19,7 +19,9 @@ is built. Its hooks (all optional): :meth:`~StructureRule.bind` (check the model
 :meth:`~StructureRule.initial_mask`, :meth:`~StructureRule.after_step` (positions to take away on its
 own schedule: the sparsifier applies them with :meth:`~itop_timm.Sparsifier.restrict`),
 :meth:`~StructureRule.last_update_step`, :meth:`~StructureRule.state_dict` for exact resume. A rule
-never writes masks itself.
+never writes masks itself. A rule whose removals are for good may also shrink the live model
+(:meth:`~StructureRule.shrink_cuts`, :meth:`~StructureRule.apply_shrink`): the sparsifier slices the
+optimizer state and its masks with the same :data:`~itop_timm.cuts.Cuts` (Chase's ``shrink``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ if TYPE_CHECKING:  # torch only for annotations: SparsityConfig (and so --help) 
     import torch
     from torch import nn
 
+    from .cuts import Cuts
     from .topology import LayerPlan, LayerView
 
 __all__ = [
@@ -116,6 +119,17 @@ class StructureRule:
     def last_update_step(self, total_steps: int | None) -> int | None:
         """The last step at which a topology update may run (``None``: no limit of the rule's own)."""
         return None
+
+    def shrink_cuts(self, state: Mapping[str, Any] | None = None) -> Cuts | None:
+        """What to slice out of the live model now — or, given a saved :meth:`state_dict`, what brings
+        the model to the shapes it had when that state was saved — as :data:`~itop_timm.cuts.Cuts`; ``None``
+        when nothing (the default: a rule that never shrinks the model). Changes nothing; raises
+        ``ValueError`` for a state the model cannot be brought to."""
+        return None
+
+    def apply_shrink(self, cuts: Cuts) -> None:
+        """Slice ``cuts`` (from :meth:`shrink_cuts`) out of the model's parameters and layers in place;
+        the sparsifier slices the optimizer state and masks."""
 
     def stats(self) -> dict[str, Any]:
         """JSON-able figures for the update log (``last_update["structure"]``)."""

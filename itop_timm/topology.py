@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LayerView", "LayerPlan", "next_layer_mask"]
+__all__ = ["LayerView", "LayerPlan", "next_layer_mask", "top_indices"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,20 @@ def _rowwise(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+def top_indices(scores: torch.Tensor, n: int, largest: bool = True) -> torch.Tensor:
+    """Indices of the ``n`` highest (``largest=False``: lowest) of the 1-D ``scores``; among values tied
+    with the ``n``-th, the lowest indices. So the choice does not depend on how ``torch.topk`` breaks
+    ties, and a tensor with positions sliced out (a live shrink) chooses the same weights."""
+    if n <= 0:
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
+    values = torch.topk(scores, n, largest=largest, sorted=False).values
+    nth = values.min() if largest else values.max()
+    better = (scores > nth) if largest else (scores < nth)
+    chosen = better.nonzero().flatten()
+    ties = (scores == nth).nonzero().flatten()[: n - chosen.numel()]
+    return torch.cat([chosen, ties])
+
+
 def _cap_per_row(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
     """Of ``eligible`` (2-D, rows), the at most ``k`` highest-scored positions of every row."""
     ranked = torch.where(eligible, scores, scores.new_full((), -math.inf))
@@ -101,10 +115,10 @@ def next_layer_mask(
             return None
         drop = drop_score(mask).reshape(-1)[active_idx].float()  # rank the active weights only
         new = flat.clone()
-        new[active_idx[torch.topk(drop, k, largest=False, sorted=False).indices]] = False
+        new[active_idx[top_indices(drop, k, largest=False)]] = False
         grow = grow_score(new.view(mask.shape)).reshape(-1).float()
         grow = torch.where(new, grow.new_full((), -math.inf), grow)  # candidates: inactive positions
-        new[torch.topk(grow, k, sorted=False).indices] = True
+        new[top_indices(grow, k)] = True
         return new.view(mask.shape), k, k
 
     allowed = (
@@ -122,7 +136,7 @@ def next_layer_mask(
     ranked = torch.where(candidates, drop, drop.new_full((), -math.inf)).reshape(-1)
     kept = torch.zeros_like(flat)
     if keep_n > 0:
-        kept[torch.topk(ranked, keep_n, sorted=False).indices] = True
+        kept[top_indices(ranked, keep_n)] = True
     kept = kept.view(mask.shape)
     grow = grow_score(kept).float()
     if plan.row_k is not None:  # kept weights rank first, then the best open positions of the row
@@ -133,7 +147,7 @@ def next_layer_mask(
         grow_n = target - keep_n
         if grow_n > 0:
             open_scores = torch.where(allowed & ~kept, grow, grow.new_full((), -math.inf)).reshape(-1)
-            new.view(-1)[torch.topk(open_scores, grow_n, sorted=False).indices] = True
+            new.view(-1)[top_indices(open_scores, grow_n)] = True
     if torch.equal(new, mask):
         return None
     return new, active - keep_n, int(new.sum()) - keep_n

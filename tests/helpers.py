@@ -29,6 +29,20 @@ def train_steps(
             on_step(i + 1)
 
 
+def randomize_batchnorm(model, generator) -> None:
+    """Give every BatchNorm layer non-trivial running statistics and affine parameters (so a test of the
+    outputs sees every channel)."""
+    from torch import nn
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=generator) - 0.5)
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=generator))
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=generator))
+                m.bias.copy_(torch.rand(m.bias.shape, generator=generator) - 0.5)
+
+
 def synthetic_images(n: int, classes: int, size: int, channels: int, seed: int):
     """Images whose class is a bright square at a class-specific place, plus noise (learnable, tiny)."""
     import numpy as np

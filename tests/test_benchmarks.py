@@ -143,6 +143,44 @@ def test_accuracy_vs_density_quick(bench_env):
     assert partial["table"][0]["gap_beyond_noise"] is None  # one seed a side: nothing can be said
 
 
+def write_cifar_like_parquet(folder: Path) -> Path:
+    """A tiny CIFAR-10 look-alike in the Hub layout the protocol reads: train.parquet and test.parquet with an
+    ``img`` Image column and a ``label`` ClassLabel column (random 32 px RGB images, labels 0..9)."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    features = datasets.Features(
+        {"img": datasets.Image(), "label": datasets.ClassLabel(names=[f"c{i}" for i in range(10)])}
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 600), ("test", 200)):
+        images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
+        data = datasets.Dataset.from_dict(
+            {"img": images, "label": [i % 10 for i in range(n)]}, features=features
+        )
+        data.to_parquet(str(folder / f"{split}.parquet"))
+    return folder
+
+
+@pytest.mark.slow  # ~2 min on the CI machine; run with -m slow
+def test_accuracy_cifar10_quick(bench_env, tmp_path):
+    env, results = bench_env
+    env = dict(env, ITOP_TIMM_CIFAR10_DIR=str(write_cifar_like_parquet(tmp_path / "cifar10")))
+    out = run_script("accuracy_vs_density.py", env, "--dataset", "cifar10", "--quick")
+    data = json.loads((results / "accuracy_cifar10_quick.json").read_text())
+    assert [r["method"] for r in data["runs"]] == ["dense", "static", "rigl", "chase", "srigl"]
+    config = (results / "runs" / "accuracy_cifar10_quick" / "chase_d0.1_s0" / "bench_config.yaml").read_text()
+    assert "dataset: parquet" in config and "channel_sparsity: 0.6" in config and "ranking: layer" in config
+    chase = next(r for r in data["runs"] if r["method"] == "chase")
+    assert chase["latency_224px_vs_dense"] > 0  # the compacted model was timed against the dense one
+    assert all(r["wall_time_vs_dense"] > 0 for r in data["runs"])
+    assert [row["method"] for row in data["table"]] == ["static", "rigl", "chase", "srigl"]
+    assert all(Path(p).stat().st_size > 1000 for p in data["plots"]) and len(data["plots"]) == 3
+    assert "time/dense" in out
+
+
 @pytest.mark.slow
 def test_scaling_quick(bench_env):
     env, results = bench_env

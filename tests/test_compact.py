@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 import torch_pruning as tp
-from helpers import checkpoint_metadata, forge_metadata, write_folder
+from helpers import checkpoint_metadata, forge_metadata, randomize_batchnorm, write_folder
 from torch import nn
 
 from itop_timm.checkpoint import SparseState, load_sparse, save_sparse
@@ -32,14 +32,7 @@ def make_model(name: str) -> tuple[nn.Module, int]:
     """A random timm model in eval mode with non-trivial BatchNorm statistics and affine parameters."""
     size, kwargs = MODELS[name]
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+    randomize_batchnorm(model, torch.Generator().manual_seed(1))
     return model, size
 
 

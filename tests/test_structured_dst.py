@@ -36,7 +36,7 @@ CHASE = {
 }
 
 
-def chase_sparsify(model: nn.Module, opt: torch.optim.Optimizer, options: dict):
+def chase_sparsify(model: nn.Module, opt: torch.optim.Optimizer, options: dict, **kwargs):
     return itop_timm.sparsify(
         model,
         opt,
@@ -45,6 +45,7 @@ def chase_sparsify(model: nn.Module, opt: torch.optim.Optimizer, options: dict):
         update_interval=2,
         total_steps=24,
         method_options={**CHASE, **options},
+        **kwargs,
     )
 
 

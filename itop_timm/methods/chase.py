@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..cuts import Cuts
 from ..densities import active_counts, compute_layer_densities
 from ..distributed import broadcast_masks, full_tensor, is_sharded
 from ..masks import validate_masks
@@ -43,6 +44,7 @@ from ..structured.dependency.units import (
     positions_left,
     removable_units,
 )
+from ..structured.shrink import LiveShrink
 from ..topology import LayerPlan, LayerView
 from ..validation import UNIT_INTERVAL, Range, option
 from .base import MethodInfo, register_method
@@ -110,6 +112,11 @@ class ChaseRule(StructureRule):
     input_size: list[int] | None = option(
         "(C, H, W) of the torch-pruning trace (null: timm's input size)", check=check_input_size
     )
+    shrink: bool = option(
+        "slice removed channels out of the live model at once, so the rest of the run trains the smaller "
+        "network (same masks and losses; the optimizer's parameters keep their identity)",
+        False,
+    )
 
     def __post_init__(self) -> None:
         self._traced: dict[tuple, list[ChannelUnit]] = {}  # shared by copies: one trace per architecture
@@ -136,6 +143,8 @@ class ChaseRule(StructureRule):
                 )
             self._traced[key] = units
         self.units = self._traced[key]
+        # validates that every unit can be sliced in place, before anything changes
+        self._live = LiveShrink(context.model, self.units) if self.shrink else None
         self._shapes = dict(context.shapes)
         self._budget = dict(context.counts)
         self._targets = dict(context.counts)
@@ -182,7 +191,8 @@ class ChaseRule(StructureRule):
             return None
         candidates: list[tuple[float, str, int]] = []
         for unit in self.units:
-            umm = unit.magnitudes(full_tensor(params[unit.scored]))
+            present = None if self._live is None else self._live.present(unit.scored, 0)
+            umm = unit.magnitudes(full_tensor(params[unit.scored]), present)
             candidates += [
                 (float(umm[c]), unit.name, c) for c in self.alive[unit.name].nonzero().flatten().tolist()
             ]
@@ -209,9 +219,42 @@ class ChaseRule(StructureRule):
         self._refresh()
         return dict(self._allowed)
 
+    def shrink_cuts(self, state: Mapping[str, Any] | None = None) -> Cuts | None:
+        if self._live is None:
+            return None
+        alive = self.alive if state is None else self._checked_alive(state)
+        regrown = [
+            u.name for u in self.units if bool((alive[u.name] & ~self._live.channels_present(u)).any())
+        ]
+        if regrown:
+            raise ValueError(
+                f"chase: the model has already lost channels of {regrown[:3]} that this state still has "
+                "(a shrunk model cannot grow back; load the state into a freshly built model)"
+            )
+        return self._live.cuts_for({name: ~a for name, a in alive.items()}) or None
+
+    def apply_shrink(self, cuts: Cuts) -> None:
+        assert self._live is not None
+        self._live.apply(cuts)
+        self._allowed = self._current(self._allowed_original)
+
+    def _current(self, allowed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``allowed`` (original coordinates) at the live model's current shapes."""
+        if self._live is None:
+            return dict(allowed)
+        out = {}
+        for name, positions in allowed.items():
+            for dim in range(min(2, positions.ndim)):
+                present = self._live.present(name, dim)
+                if present is not None and positions.shape[dim] != 1:  # (1: broadcast along dim)
+                    positions = positions.index_select(dim, present)
+            out[name] = positions
+        return out
+
     def _refresh(self) -> None:
         """Allowed positions and per-layer counts from the alive channels (budget kept, ERK re-derived)."""
-        self._allowed, effective = positions_left(self.units, self.alive, self._shapes)
+        self._allowed_original, effective = positions_left(self.units, self.alive, self._shapes)
+        self._allowed = self._current(self._allowed_original)
         if all(self.alive[u.name].all() for u in self.units):
             self._targets = dict(self._budget)
             return
@@ -232,9 +275,12 @@ class ChaseRule(StructureRule):
     def state_dict(self) -> dict[str, Any]:
         return {"alive": {name: a.clone() for name, a in self.alive.items()}, "budget": dict(self._budget)}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def _checked_alive(self, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         sizes = {u.name: (u.num_channels,) for u in self.units}
-        alive = validate_masks(state.get("alive"), sizes, what="chase: the saved alive channels")
+        return validate_masks(state.get("alive"), sizes, what="chase: the saved alive channels")
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        alive = self._checked_alive(state)
         self._budget = checked_budget(state.get("budget", self._budget), self._shapes, "chase")
         self.alive = {name: a.clone() for name, a in alive.items()}
         self._refresh()

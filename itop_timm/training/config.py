@@ -65,10 +65,13 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = option(
-        "fashion_mnist | imagefolder | disk (datasets.load_from_disk) | a Hugging Face Hub data set id",
+        "fashion_mnist | imagefolder | disk (datasets.load_from_disk) | a Hugging Face Hub data set id | "
+        "parquet (a local Hub-layout folder of train/test .parquet files in data_dir)",
         "fashion_mnist",
     )
-    data_dir: str | None = option("fashion_mnist: IDX folder; imagefolder/disk: path; hub: optional data_dir")
+    data_dir: str | None = option(
+        "fashion_mnist: IDX folder; imagefolder/disk/parquet: path; hub: optional data_dir"
+    )
     train_split: str = option("split to train on", "train")
     val_split: str | None = option(
         "validation split (null: hold out val_fraction of the train split, stratified, seeded)"

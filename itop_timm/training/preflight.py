@@ -73,6 +73,13 @@ def preflight(cfg: TrainConfig) -> tuple[Path | None, Any, SparsityConfig | None
     config = None if cfg.dense else sparsity_config(cfg, total_steps=1)
     if config is not None and config.compute == "sparse":
         check_sparse_compute(cfg)
+    if config is not None and (config.method_options or {}).get("shrink"):
+        raise ValueError(
+            f"sparsity.method_options.shrink is not supported by the recipe yet: its checkpoints, resume, "
+            f"DDP wrapper and weight averaging do not follow a model that shrinks during training. Use "
+            f"itop_timm.sparsify(..., method={config.method!r}, method_options={{'shrink': True}}) in your "
+            f"own loop, or leave shrink off"
+        )
     if cfg.optim.opt.lower() in ("rmda", "proxsgd") and cfg.optim.weight_decay:
         raise ValueError(
             f"optim.opt={cfg.optim.opt} takes no weight decay (its weight_lambda regularises): set optim.weight_decay 0"

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .groups import trace_channel_groups
+from .slices import ChannelSlice
 
 __all__ = [
     "ChannelUnit",
@@ -28,18 +29,24 @@ __all__ = [
 @dataclass
 class ChannelUnit:
     """One removable channel group: ``scored`` is the producer weight whose rows give UMM; ``rows`` and
-    ``cols`` are ``(parameter, positions, channel of each position)`` along dim 0 / dim 1."""
+    ``cols`` are ``(parameter, positions, channel of each position)`` along dim 0 / dim 1 of the sparse
+    parameters; ``slices`` every parameter slice of the group (biases and norm parameters too)."""
 
     name: str
     num_channels: int
     scored: str
     rows: list[tuple[str, torch.Tensor, torch.Tensor]]
     cols: list[tuple[str, torch.Tensor, torch.Tensor]]
+    slices: list[ChannelSlice]
 
-    def magnitudes(self, weight: torch.Tensor) -> torch.Tensor:
-        """UMM of every channel: the mean ``|w|`` of its rows of the producer ``weight`` (zeros included)."""
+    def magnitudes(self, weight: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        """UMM of every channel: the mean ``|w|`` of its rows of the producer ``weight`` (zeros included).
+        ``present``: for a shrunk ``weight``, the original row of each of its rows (removed rows count 0)."""
         per_row = weight.detach().abs().float().reshape(weight.shape[0], -1).mean(1).cpu()
         (_, index, channel) = next(r for r in self.rows if r[0] == self.scored)
+        if present is not None:
+            full = torch.zeros(max(int(index.max()), int(present.max())) + 1)
+            per_row = full.index_copy_(0, present, per_row)
         total = torch.zeros(self.num_channels).index_add_(0, channel, per_row[index])
         return total / torch.zeros(self.num_channels).index_add_(
             0, channel, torch.ones(len(index))
@@ -76,7 +83,13 @@ def removable_units(
 ) -> tuple[list[ChannelUnit], dict[str, str]]:
     """The removable channel units of ``model`` (module docstring) and, for every other traced group,
     why it is not one. ``sparse``: names of the sparse parameters; ``input_size``: ``(C, H, W)``."""
-    trace = trace_channel_groups(model, torch.zeros(1, *input_size))
+    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+    x = (
+        torch.zeros(1, *input_size)
+        if ref is None
+        else torch.zeros(1, *input_size, dtype=ref.dtype, device=ref.device)
+    )
+    trace = trace_channel_groups(model, x)
     stem = _stem_prefix(model)
     units: list[ChannelUnit] = []
     skipped: dict[str, str] = {}
@@ -105,7 +118,7 @@ def removable_units(
         elif any(s.dim != (0 if s.role == "producer" else 1) for s in group.slices if s.param_name in sparse):
             why = "channels along an unexpected dimension"
         if why is None:
-            units.append(ChannelUnit(group.name, group.num_channels, producers[0], rows, cols))
+            units.append(ChannelUnit(group.name, group.num_channels, producers[0], rows, cols, group.slices))
         else:
             skipped[group.name] = why
     return units, skipped
