@@ -1,5 +1,5 @@
-"""Accuracy vs density on Fashion-MNIST (timm resnet18, 1 channel): dense vs static, SET, RigL and
-RigL-ITOP (ITOP's ``unfired`` regrowth) at several densities, several seeds, with R_s.
+"""Accuracy vs density: dense vs static, SET, RigL and RigL-ITOP (ITOP's ``unfired`` regrowth) at several
+densities, several seeds, with R_s, on Fashion-MNIST (timm resnet18, 1 channel) or CIFAR-10.
 
 Protocol (issue 7): 10 epochs, batch 128, SGD lr 0.1 / Nesterov 0.9 / wd 5e-4, lr x0.1 at 1/2 and 3/4,
 random-crop (pad 2) + flip augmentation, ERK densities, cosine prune rate from 0.5, ΔT = --update-interval.
@@ -17,19 +17,37 @@ with --quick) and PNG plots (accuracy vs density, R_s vs step); runs go to resul
 Each gap to dense comes with Welch's two-sided t-test at 5 % over the seeds ("beyond seed noise" or not).
 The full protocol's finished runs (config, summary, metrics log) are committed under
 benchmarks/results/runs/accuracy_vs_density/, so ``--reuse-runs`` continues it from a fresh clone.
+
+CIFAR-10 (issue 26, BENCHMARKS §9): ``--dataset cifar10`` trains the protocol of
+``recipes/configs/cifar10_*.yaml`` (timm resnet18 at 32 px, cosine lr; dense from ``cifar10_dense.yaml``,
+the unstructured methods from ``cifar10_rigl_itop.yaml`` with the method and density replaced, Chase and
+SRigL from their own files at the highest density) on the Hub-layout parquet folder in
+``ITOP_TIMM_CIFAR10_DIR`` (default ``../shared/data/cifar10``). It adds each run's wall time over the
+dense run of the same seed, and for Chase the compacted model's CPU latency over the dense architecture's
+at 224 px (batch 1), to the table, and plots accuracy vs R_s. Runs go to results/runs/accuracy_cifar10/
+(committed as above).
+
+    uv run python benchmarks/accuracy_vs_density.py --dataset cifar10 --reuse-runs    # ~12 h, 2 cores
+    uv run python benchmarks/accuracy_vs_density.py --dataset cifar10 --summarize     # table so far
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+from pathlib import Path
+from typing import Any
 
+import yaml
 from _common import (
     RESULTS,
+    ROOT,
     RUNS,
     add_reuse_flag,
     fashion_mnist_config,
     finished_run,
+    latency,
     machine,
     mean_std,
     run_recipe,
@@ -39,10 +57,72 @@ from _common import (
 
 from itop_timm.plots import pyplot, save_figure
 
-METHOD_LABELS = {"static": "Static", "set": "SET", "rigl": "RigL", "unfired": "RigL-ITOP (unfired)"}
+METHOD_LABELS = {
+    "static": "Static",
+    "set": "SET",
+    "rigl": "RigL",
+    "unfired": "RigL-ITOP (unfired)",
+    "chase": "Chase (S_c 0.6, layer)",
+    "srigl": "SRigL",
+}
+DATASET_TITLES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
+#: the methods with a protocol file of their own (recipes/configs/cifar10_<method>.yaml); the others
+#: take cifar10_rigl_itop.yaml's sparsity section with their method and density
+CIFAR10_OWN_CONFIGS = ("dense", "chase", "srigl")
+
+
+def cifar10_config(
+    output_dir: Path,
+    *,
+    method: str,
+    density: float,
+    seed: int,
+    epochs: int | None,
+    update_interval: int | None,
+    train_samples: int | None,
+    eval_samples: int | None,
+) -> dict[str, Any]:
+    """The CIFAR-10 protocol of ``recipes/configs/cifar10_*.yaml`` for one run (``epochs`` and
+    ``update_interval`` None: the files' own), reading the data from ``ITOP_TIMM_CIFAR10_DIR`` (default
+    ``../shared/data/cifar10``)."""
+    own = method if method in CIFAR10_OWN_CONFIGS else "rigl_itop"
+    cfg = yaml.safe_load((ROOT / "recipes" / "configs" / f"cifar10_{own}.yaml").read_text())
+    cfg["data"] |= {
+        "data_dir": os.environ.get("ITOP_TIMM_CIFAR10_DIR", str(ROOT.parent / "shared" / "data" / "cifar10")),
+        "max_train_samples": train_samples,
+        "max_eval_samples": eval_samples,
+    }
+    cfg["train"]["seed"] = seed
+    if epochs is not None:
+        cfg["train"]["epochs"] = epochs
+    if own == "rigl_itop":
+        cfg["sparsity"] |= {"method": method, "density": density}
+    if update_interval is not None and method != "dense":
+        cfg["sparsity"]["update_interval"] = update_interval
+    cfg["run"] = {
+        "output_dir": str(output_dir),
+        "log_interval": 50,
+        "checkpoint_interval": 0,
+        "keep_checkpoints": 1,
+        "progress": False,
+        "overwrite": True,
+    }
+    return cfg
+
+
+def compacted_latency_ratio(run_dir: Path, size: int = 224, reps: int = 30) -> float:
+    """CPU latency of the run's compacted model over its full architecture's (the run's ``model/``, masked
+    weights computed densely), at ``size`` px, batch 1, timed round-robin in this process."""
+    from itop_timm.checkpoint import load_sparse
+
+    full = load_sparse(run_dir / "model")[0].eval()
+    small = load_sparse(run_dir / "compacted")[0].eval()
+    times = latency({"full": full, "compacted": small}, 1, reps, size)
+    return times["compacted"] / times["full"]
 
 
 def plot(results: dict, out_prefix: str) -> list[str]:
+    title = DATASET_TITLES[results["settings"]["dataset"]]
     plt = pyplot()
     paths = []
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -67,7 +147,7 @@ def plot(results: dict, out_prefix: str) -> list[str]:
     ax.set_xticklabels([str(d) for d in sorted(results["densities"])])
     ax.set_xlabel("density (fraction of conv/linear weights kept)")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title("Fashion-MNIST, timm resnet18: accuracy vs density")
+    ax.set_title(f"{title}, timm resnet18: accuracy vs density")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     paths.append(str(save_figure(fig, RESULTS / f"{out_prefix}_accuracy.png")))
@@ -91,15 +171,41 @@ def plot(results: dict, out_prefix: str) -> list[str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     paths.append(str(save_figure(fig, RESULTS / f"{out_prefix}_itop_rate.png")))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, d in enumerate(sorted(results["densities"], reverse=True)):
+        rows = [row for row in results["table"] if row["density"] == d]
+        for row in rows:
+            ax.errorbar(
+                row["itop_rate_mean"],
+                row["top1_mean"],
+                xerr=row["itop_rate_std"],
+                yerr=row["top1_std"],
+                marker="os^v"[i % 4],
+                capsize=3,
+                linestyle="none",
+                label=f"{METHOD_LABELS.get(row['method'], row['method'])}, d={d}",
+            )
+    ax.set_xlabel("R_s (fraction of weights ever active)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"{title}, timm resnet18: accuracy vs R_s (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    paths.append(str(save_figure(fig, RESULTS / f"{out_prefix}_vs_itop_rate.png")))
     return paths
 
 
 def summarise(runs: list[dict], methods: list[str], densities: list[float]) -> tuple[dict | None, list[dict]]:
     """Dense's mean/std of test top-1 (None without a dense run) and one row per (density, method) cell
-    with finished runs: mean ± std of top-1 and R_s over its seeds and the gap to dense with Welch's test."""
+    with finished runs: mean ± std of top-1, R_s and wall time over the dense run of the same seed, and
+    the gap to dense with Welch's test."""
     dense = [r for r in runs if r["method"] == "dense"]
     if not dense:
         return None, []
+    dense_time = {r["seed"]: r["wall_time_s"] for r in dense}
+    runs = [r for r in runs if r["seed"] in dense_time]
+    for r in runs:
+        r["wall_time_vs_dense"] = r["wall_time_s"] / dense_time[r["seed"]]
     dense_top1 = [r["test_top1"] for r in dense]
     table = []
     for d in densities:
@@ -125,8 +231,15 @@ def summarise(runs: list[dict], methods: list[str], densities: list[float]) -> t
                     "itop_rate_mean": rs_m,
                     "itop_rate_std": rs_s,
                     "wall_time_s_mean": mean_std([r["wall_time_s"] for r in sel])[0],
+                    "wall_time_vs_dense_mean": mean_std([r["wall_time_vs_dense"] for r in sel])[0],
+                    "wall_time_vs_dense_std": mean_std([r["wall_time_vs_dense"] for r in sel])[1],
                 }
             )
+            latencies = [r["latency_224px_vs_dense"] for r in sel if "latency_224px_vs_dense" in r]
+            if latencies:
+                table[-1]["latency_224px_vs_dense_mean"], table[-1]["latency_224px_vs_dense_std"] = mean_std(
+                    latencies
+                )
     mean, std = mean_std(dense_top1)
     return {"mean": mean, "std": std, "seeds": [r["seed"] for r in dense]}, table
 
@@ -135,14 +248,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.05, 0.02])
-    parser.add_argument("--methods", nargs="+", default=["static", "set", "rigl", "unfired"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument(
-        "--train-samples", type=int, default=10000, help="subsample of the 60k training images (0: all)"
+        "--dataset",
+        choices=sorted(DATASET_TITLES),
+        default="fashion_mnist",
+        help="fashion_mnist: the protocol below; cifar10: recipes/configs/cifar10_*.yaml (module docstring)",
     )
-    parser.add_argument("--update-interval", type=int, default=25, help="ΔT in optimizer steps")
+    parser.add_argument(
+        "--densities",
+        type=float,
+        nargs="+",
+        help="default: 0.1 0.05 0.02 (Fashion-MNIST), 0.1 0.05 (CIFAR-10)",
+    )
+    parser.add_argument("--methods", nargs="+", default=["static", "set", "rigl", "unfired"])
+    parser.add_argument(
+        "--structured-methods",
+        nargs="*",
+        help="methods run at the highest density only (default: none for Fashion-MNIST; chase srigl for "
+        "CIFAR-10, from their own config files)",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--epochs", type=int, help="default: 10 (Fashion-MNIST), the config files' (CIFAR-10)"
+    )
+    parser.add_argument(
+        "--train-samples",
+        type=int,
+        help="subsample of the training images (0: all; default 10000 for Fashion-MNIST, 0 for CIFAR-10)",
+    )
+    parser.add_argument(
+        "--update-interval",
+        type=int,
+        help="ΔT in optimizer steps (default: 25 for Fashion-MNIST, the config files' for CIFAR-10)",
+    )
     parser.add_argument("--eval-samples", type=int, default=0, help="test images used (0: all 10k)")
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 1 seed, 2 epochs, 512 images, 2 methods"
@@ -155,6 +293,16 @@ def main() -> None:
         "still under way, marked incomplete in the JSON and in BENCHMARKS.md",
     )
     args = parser.parse_args()
+    cifar = args.dataset == "cifar10"
+    if args.densities is None:
+        args.densities = [0.1, 0.05] if cifar else [0.1, 0.05, 0.02]
+    if args.structured_methods is None:
+        args.structured_methods = ["chase", "srigl"] if cifar else []
+    if args.train_samples is None:
+        args.train_samples = 0 if cifar else 10000
+    if not cifar:
+        args.epochs = 10 if args.epochs is None else args.epochs
+        args.update_interval = 25 if args.update_interval is None else args.update_interval
     if args.quick:
         args.densities, args.methods, args.seeds, args.epochs, args.train_samples = (
             [0.1],
@@ -165,31 +313,49 @@ def main() -> None:
         )
         args.update_interval, args.eval_samples = 2, 500
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    # The full protocol (all 60k images) owns the plain name, which BENCHMARKS §1 renders; a subsample's
+    # The full protocol (all training images) owns the plain name, which BENCHMARKS renders; a subsample's
     # runs and results are kept apart so that they never overwrite the protocol's committed runs.
-    tag = "accuracy_vs_density" + (
+    tag = ("accuracy_cifar10" if cifar else "accuracy_vs_density") + (
         "_quick" if args.quick else f"_{args.train_samples}img" if args.train_samples else ""
     )
     samples = args.train_samples or None
+    top = max(args.densities)
     # Seed-major: a run cut short (``--reuse-runs`` continues it) has whole seeds' tables first.
     plan = [
         run
         for s in args.seeds
-        for run in [("dense", 1.0, s)] + [(m, d, s) for d in args.densities for m in args.methods]
+        for run in [("dense", 1.0, s)]
+        + [(m, d, s) for d in args.densities for m in args.methods]
+        + [(m, top, s) for m in args.structured_methods]
     ]
+    methods = [*args.methods, *args.structured_methods]
     runs = []
     for i, (method, density, seed) in enumerate(plan, 1):
         out = RUNS / tag / f"{method}_d{density}_s{seed}"
-        cfg = fashion_mnist_config(
-            out,
-            epochs=args.epochs,
-            train_samples=samples,
-            seed=seed,
-            method=method,
-            density=density,
-            update_interval=args.update_interval,
-            eval_samples=args.eval_samples or None,
-        )
+        if cifar:
+            cfg = cifar10_config(
+                out,
+                method=method,
+                density=density,
+                seed=seed,
+                epochs=args.epochs,
+                update_interval=args.update_interval,
+                train_samples=samples,
+                eval_samples=args.eval_samples or None,
+            )
+        else:
+            cfg = fashion_mnist_config(
+                out,
+                epochs=args.epochs,
+                train_samples=samples,
+                seed=seed,
+                method=method,
+                density=density,
+                update_interval=args.update_interval,
+                eval_samples=args.eval_samples or None,
+            )
+            if method in args.structured_methods:
+                cfg["sparsity"]["density"] = top
         summary = finished_run(cfg) if args.summarize else run_recipe(cfg, reuse=args.reuse_runs)
         if summary is None:
             continue
@@ -212,6 +378,8 @@ def main() -> None:
                 "itop_history": history,
             }
         )
+        if (out / "compacted").is_dir() and summary.get("compacted"):
+            runs[-1]["latency_224px_vs_dense"] = compacted_latency_ratio(out)
         logging.info(
             "[%d/%d] %s d=%s seed=%d: top-1 %.2f R_s %.3f (%.0f s)",
             i,
@@ -224,14 +392,17 @@ def main() -> None:
             runs[-1]["wall_time_s"],
         )
     results = {
-        "benchmark": "accuracy_vs_density",
+        "benchmark": "accuracy_cifar10" if cifar else "accuracy_vs_density",
         "machine": machine(),
         "settings": vars(args),
         "command": "uv run python benchmarks/accuracy_vs_density.py"
+        + (" --dataset cifar10" if cifar else "")
         + (
             " --quick"
             if args.quick
-            else f" --train-samples {args.train_samples} --epochs {args.epochs} --update-interval {args.update_interval}"
+            else f" --train-samples {args.train_samples}"
+            + (f" --epochs {args.epochs}" if args.epochs is not None else "")
+            + (f" --update-interval {args.update_interval}" if args.update_interval is not None else "")
             + f" --densities {' '.join(map(str, args.densities))}"
             + "".join(
                 f" --{name} {' '.join(map(str, getattr(args, name)))}"
@@ -244,21 +415,24 @@ def main() -> None:
         "wall_time_s": sum(r["wall_time_s"] for r in runs),  # training time of the runs, summed
         "runs_planned": len(plan),
         "complete": len(runs) == len(plan),
-        "methods": args.methods,
+        "methods": methods,
         "densities": args.densities,
         "runs": runs,
     }
-    results["dense_top1"], results["table"] = summarise(runs, args.methods, args.densities)
+    results["dense_top1"], results["table"] = summarise(runs, methods, args.densities)
     results["plots"] = plot(results, tag)
     path = write_json(f"{tag}.json", results)
     print(f"{len(runs)} of {len(plan)} runs finished")
     if results["dense_top1"]:
         print(f"dense: {results['dense_top1']['mean']:.2f} ± {results['dense_top1']['std']:.2f}")
-    print(f"{'method':22s} {'density':>8s} {'top-1':>14s} {'gap':>7s} {'beyond noise':>12s} {'R_s':>14s}")
+    print(
+        f"{'method':22s} {'density':>8s} {'top-1':>14s} {'gap':>7s} {'beyond noise':>12s} {'R_s':>14s} "
+        f"{'time/dense':>10s}"
+    )
     for row in results["table"]:
         verdict = {True: "yes", False: "no", None: "n/a"}[row["gap_beyond_noise"]]
         print(
-            f"{METHOD_LABELS.get(row['method'], row['method']):22s} {row['density']:8.3f} {row['top1_mean']:7.2f} ± {row['top1_std']:4.2f} {row['gap_to_dense']:+7.2f} {verdict:>12s} {row['itop_rate_mean']:7.3f} ± {row['itop_rate_std']:.3f}"
+            f"{METHOD_LABELS.get(row['method'], row['method']):22s} {row['density']:8.3f} {row['top1_mean']:7.2f} ± {row['top1_std']:4.2f} {row['gap_to_dense']:+7.2f} {verdict:>12s} {row['itop_rate_mean']:7.3f} ± {row['itop_rate_std']:.3f} {row['wall_time_vs_dense_mean']:9.2f}x"
         )
     print(f"wrote {path}")
 

@@ -18,7 +18,16 @@ from pathlib import Path
 
 from _common import RESULTS, ROOT, aggregate_seeds
 
-LABELS = {"static": "Static", "set": "SET", "rigl": "RigL", "unfired": "RigL-ITOP (unfired)"}
+LABELS = {
+    "static": "Static",
+    "set": "SET",
+    "rigl": "RigL",
+    "unfired": "RigL-ITOP (unfired)",
+    "chase": "Chase (S_c 0.6, layer)",
+    "srigl": "SRigL",
+}
+#: training images of each protocol's full training split
+TRAIN_IMAGES = {"fashion_mnist": 60000, "cifar10": 50000}
 
 
 def _load(name: str) -> dict | None:
@@ -140,7 +149,8 @@ def _accuracy(name: str) -> str:
     if not data:
         return "*not run yet*"
     settings, dense = data["settings"], data["dense_top1"]
-    images = settings["train_samples"] or 60000
+    images = settings["train_samples"] or TRAIN_IMAGES[settings.get("dataset", "fashion_mnist")]
+    timed = bool(data["table"]) and all("wall_time_vs_dense_mean" in r for r in data["table"])
     progress = (
         ""
         if data.get("complete", True)
@@ -156,11 +166,14 @@ def _accuracy(name: str) -> str:
         else ""
     )
     intro += (
-        f"Command: `{data['command']}` ({images} training images, {settings['epochs']} epochs, "
-        f"ΔT = {settings['update_interval']}, seeds {settings['seeds']}; {minutes / 60:.1f} h of training in all, "
+        f"Command: `{data['command']}` ({images} training images, "
+        f"{settings['epochs'] or 'the config files’'} epochs, ΔT = {settings['update_interval'] or 'the files’'}, "
+        f"seeds {settings['seeds']}; {minutes / 60:.1f} h of training in all, "
         f"{minutes / max(len(data['runs']), 1):.0f} min per run)." + progress
     )
     header = "| method | density | seeds | test top-1 (mean ± std) | gap to dense (± s.e.) | beyond seed noise? | R_s (mean ± std) |"
+    if timed:
+        header += " wall time / dense (same seed) |"
     rows = []
     for r in data["table"]:
         se = f" ± {r['gap_se']:.2f}" if r["gap_se"] is not None else ""
@@ -171,6 +184,17 @@ def _accuracy(name: str) -> str:
             f"| {LABELS.get(r['method'], r['method'])} | {r['density']} | {len(r['seeds'])} | "
             f"{_mean_std(r['top1_mean'], r['top1_std'], len(r['seeds']), 2)} | {r['gap_to_dense']:+.2f}{se} | "
             f"{verdict} | {_mean_std(r['itop_rate_mean'], r['itop_rate_std'], len(r['seeds']), 3)} |"
+            + (
+                f" {_mean_std(r['wall_time_vs_dense_mean'], r['wall_time_vs_dense_std'], len(r['seeds']), 2)}"
+                + (
+                    f" (compacted 224 px latency {r['latency_224px_vs_dense_mean']:.2f}× dense)"
+                    if "latency_224px_vs_dense_mean" in r
+                    else ""
+                )
+                + " |"
+                if timed
+                else ""
+            )
         )
     return intro + "\n\n" + _table(header, rows) + "\n\n" + _machine(data)
 
@@ -183,6 +207,11 @@ def accuracy() -> str:
 def accuracy_2000img() -> str:
     """BENCHMARKS §1b: `make bench`'s 2,000-image sweep."""
     return _accuracy("accuracy_vs_density_2000img.json")
+
+
+def accuracy_cifar10() -> str:
+    """BENCHMARKS §9: the CIFAR-10 protocol."""
+    return _accuracy("accuracy_cifar10.json")
 
 
 def scaling() -> str:
@@ -296,6 +325,7 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "bare_step": bare_step,
     "accuracy": accuracy,
     "accuracy_2000img": accuracy_2000img,
+    "accuracy_cifar10": accuracy_cifar10,
     "scaling": scaling,
     "checkpoints": checkpoints,
     "averaging": averaging,
