@@ -23,11 +23,11 @@ CIFAR-10 (issue 26, BENCHMARKS §9): ``--dataset cifar10`` trains the protocol o
 the unstructured methods from ``cifar10_rigl_itop.yaml`` with the method and density replaced, Chase and
 SRigL from their own files at the highest density) on the Hub-layout parquet folder in
 ``ITOP_TIMM_CIFAR10_DIR`` (default ``../shared/data/cifar10``). It adds each run's wall time over the
-dense run of the same seed, and for Chase the compacted model's CPU latency over the dense architecture's
-at 224 px (batch 1), to the table, and plots accuracy vs R_s. Runs go to results/runs/accuracy_cifar10/
+dense run of the same seed (every run on one thread), and for Chase the compacted model's CPU latency
+over its full architecture's at 224 px (batch 1), to the table, and plots accuracy vs R_s. Runs go to results/runs/accuracy_cifar10/
 (committed as above).
 
-    uv run python benchmarks/accuracy_vs_density.py --dataset cifar10 --reuse-runs    # ~12 h, 2 cores
+    taskset -c 0 uv run python benchmarks/accuracy_vs_density.py --dataset cifar10 --reuse-runs  # ~24 h
     uv run python benchmarks/accuracy_vs_density.py --dataset cifar10 --summarize     # table so far
 """
 
@@ -106,6 +106,9 @@ def cifar10_config(
         "keep_checkpoints": 1,
         "progress": False,
         "overwrite": True,
+        # every run on one thread, so that its wall time over dense compares like with like wherever the
+        # protocol continues (run it pinned to one core, e.g. `taskset -c 0`, to leave the other free)
+        "num_threads": 1,
     }
     return cfg
 
