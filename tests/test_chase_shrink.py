@@ -3,6 +3,8 @@ masks, losses and compacted model as the run that keeps them masked."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import train_steps
@@ -12,6 +14,7 @@ from torch import nn
 import itop_timm
 from itop_timm.cuts import slice_like
 from itop_timm.structured import compact
+from itop_timm.structured.shrink import LiveShrink
 
 
 def run(shrink: bool, steps: int = 24, compute: str = "masked", dtype=torch.float32, **options):
@@ -35,13 +38,6 @@ def run(shrink: bool, steps: int = 24, compute: str = "masked", dtype=torch.floa
         opt.step()
         losses.append(loss.item())
     return model, sp, losses, cuts
-
-
-def assert_same_masks_and_losses(full, sp, cuts, full_losses, losses, tol: float) -> None:
-    """``sp`` (shrunk by ``cuts``) holds ``full``'s masks at the smaller shapes; losses agree to ``tol``."""
-    for name, mask in sliced(full.masks, cuts).items():
-        assert torch.equal(sp.masks[name], mask), name
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(full_losses), rtol=tol, atol=tol)
 
 
 def sliced(tensors: dict[str, torch.Tensor], all_cuts: list[dict]) -> dict[str, torch.Tensor]:
@@ -85,12 +81,26 @@ def test_shrink_trains_the_same_run_on_a_smaller_network(ranking):
         torch.testing.assert_close(small(x), small_full(x), rtol=1e-8, atol=1e-7)  # 24 steps of f64 drift
 
 
-def test_in_fp32_the_runs_agree_up_to_reassociation_noise():
-    # two removals (steps 3, 7) and four updates: the same masks, losses within fp32 rounding
-    _, full, full_losses, _ = run(False, steps=9)
-    _, sp, losses, cuts = run(True, steps=9)
-    assert len(cuts) == 2
-    assert_same_masks_and_losses(full, sp, cuts, full_losses, losses, tol=1e-5)
+def test_in_fp32_a_shrunk_step_computes_what_the_masked_one_does():
+    # fp32 trajectories part once rounding flips a near-tie of an update (how soon depends on the thread
+    # count), so fp32 is checked step-wise: the same weights, shrunk or masked, give the same loss and
+    # gradients up to rounding
+    full_model, full, _, _ = run(False, steps=8)  # removals at steps 3 and 7
+    shrunk = copy.deepcopy(full_model)
+    live = LiveShrink(shrunk, full.structure.units)
+    cuts = live.cuts_for({name: ~alive for name, alive in full.structure.alive.items()})
+    live.apply(cuts)
+    x, y = torch.randn(4, *SIZE, generator=torch.Generator().manual_seed(5)), torch.arange(4)
+    losses = []
+    for model in (full_model, shrunk):
+        model.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    grads = {n: p.grad for n, p in shrunk.named_parameters()}
+    for name, p in full_model.named_parameters():
+        torch.testing.assert_close(grads[name], slice_like(p.grad, cuts.get(name, [])), rtol=1e-4, atol=1e-6)
 
 
 def test_the_optimizer_and_its_parameters_are_the_same_objects():
@@ -160,12 +170,25 @@ def test_a_shrunk_state_cannot_be_loaded_into_a_model_that_shrank_further():
 
 
 def test_shrink_with_the_sparse_kernels():
-    # the kernels (fp32, their own summation order) with and without shrink: the same masks, losses within
-    # fp32 rounding, over a horizon before rounding flips a near-tie of an update
-    _, full, full_losses, _ = run(False, steps=9, compute="sparse")
-    _, sp, losses, cuts = run(True, steps=9, compute="sparse")
+    # after two shrinks the kernels compute the smaller layers: their forward and backward equal the dense
+    # computation of the same model (a deep copy computes densely) up to fp32 rounding (whole runs are
+    # compared in float64 above; the kernels are fp32 only)
+    model, sp, losses, cuts = run(True, steps=8, compute="sparse")
     assert len(cuts) == 2 and sp._compute is not None and "sparse" in sp._compute.plan.values()
-    assert_same_masks_and_losses(full, sp, cuts, full_losses, losses, tol=1e-5)
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(4, *SIZE, generator=torch.Generator().manual_seed(5)), torch.arange(4)
+    outputs = []
+    for m in (model, reference):
+        m.train()
+        m.zero_grad()
+        out = m(x)
+        nn.functional.cross_entropy(out, y).backward()
+        outputs.append(out.detach())
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)
+    grads = {n: p.grad for n, p in reference.named_parameters()}
+    for name, p in model.named_parameters():  # the kernels' weight gradients hold the active positions
+        expected = grads[name] * sp.masks[name] if name in sp.masks else grads[name]
+        torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_shrink_refuses_a_ddp_model_and_methods_without_it():
