@@ -357,8 +357,6 @@ def main() -> None:
                 update_interval=args.update_interval,
                 eval_samples=args.eval_samples or None,
             )
-            if method in args.structured_methods:
-                cfg["sparsity"]["density"] = top
         summary = finished_run(cfg) if args.summarize else run_recipe(cfg, reuse=args.reuse_runs)
         if summary is None:
             continue
