@@ -86,6 +86,16 @@ def write_json(name: str, payload: dict[str, Any], out_dir: Path = RESULTS) -> P
     return path
 
 
+#: how the accuracy tables and plots name each method
+METHOD_LABELS = {
+    "static": "Static",
+    "set": "SET",
+    "rigl": "RigL",
+    "unfired": "RigL-ITOP (unfired)",
+    "chase": "Chase (S_c 0.6, layer)",
+    "srigl": "SRigL",
+}
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = RESULTS / "runs"
 

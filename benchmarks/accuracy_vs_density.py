@@ -41,6 +41,7 @@ from typing import Any
 
 import yaml
 from _common import (
+    METHOD_LABELS,
     RESULTS,
     ROOT,
     RUNS,
@@ -57,14 +58,6 @@ from _common import (
 
 from itop_timm.plots import pyplot, save_figure
 
-METHOD_LABELS = {
-    "static": "Static",
-    "set": "SET",
-    "rigl": "RigL",
-    "unfired": "RigL-ITOP (unfired)",
-    "chase": "Chase (S_c 0.6, layer)",
-    "srigl": "SRigL",
-}
 DATASET_TITLES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
 #: the methods with a protocol file of their own (recipes/configs/cifar10_<method>.yaml); the others
 #: take cifar10_rigl_itop.yaml's sparsity section with their method and density

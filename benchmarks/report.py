@@ -16,16 +16,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from _common import RESULTS, ROOT, aggregate_seeds
+from _common import METHOD_LABELS, RESULTS, ROOT, aggregate_seeds
 
-LABELS = {
-    "static": "Static",
-    "set": "SET",
-    "rigl": "RigL",
-    "unfired": "RigL-ITOP (unfired)",
-    "chase": "Chase (S_c 0.6, layer)",
-    "srigl": "SRigL",
-}
 #: training images of each protocol's full training split
 TRAIN_IMAGES = {"fashion_mnist": 60000, "cifar10": 50000}
 
@@ -181,7 +173,7 @@ def _accuracy(name: str) -> str:
         if r["gap_t"] is not None:
             verdict += f" (t = {r['gap_t']:+.1f}, {r['gap_df']:.1f} df)"
         rows.append(
-            f"| {LABELS.get(r['method'], r['method'])} | {r['density']} | {len(r['seeds'])} | "
+            f"| {METHOD_LABELS.get(r['method'], r['method'])} | {r['density']} | {len(r['seeds'])} | "
             f"{_mean_std(r['top1_mean'], r['top1_std'], len(r['seeds']), 2)} | {r['gap_to_dense']:+.2f}{se} | "
             f"{verdict} | {_mean_std(r['itop_rate_mean'], r['itop_rate_std'], len(r['seeds']), 3)} |"
             + (
