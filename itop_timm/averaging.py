@@ -12,6 +12,8 @@ Sparse models (``sparsifier=``): a weight is averaged only over the samples in w
 is handled by that count: a weight dropped during the period is written back as 0 (the current mask is
 re-applied after write-back), a weight grown during the period gets the mean of the samples since it
 became active, and a weight grown after the last sample keeps its current value (0).
+When the model shrinks during training (Chase with ``shrink``), the sums and counts are sliced with it
+(the sparsifier's ``"shrink"`` update event).
 
 Hook order: create the averager *after* :func:`itop_timm.sparsify`, so that the sparsifier's step hook
 (masks, topology update) has run before the weights are sampled.
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cuts import slice_like
 from .sparsifier import Sparsifier
 from .unwrap import unwrap_model, unwrap_optimizer
 from .validation import UNIT_INTERVAL, Range
@@ -90,6 +93,18 @@ class PeriodicWeightAveraging:
         self.steps = 0
         self._first_sampled_step = period_steps - max(1, round(last_fraction * period_steps)) + 1
         self._handle = self.optimizer.register_step_post_hook(self._after_optimizer_step)
+        # a model that shrinks during training (Chase with shrink): the buffers are sliced like the weights
+        self._shrink_handle = (
+            sparsifier.register_update_hook(self._on_mask_change) if sparsifier is not None else None
+        )
+
+    def _on_mask_change(self, sparsifier: Sparsifier, stats: Mapping[str, Any]) -> None:
+        if stats.get("event") != "shrink":
+            return
+        for buffers in (self._sums, self._active_counts):
+            for name, param_cuts in stats["cuts"].items():
+                if name in buffers:
+                    buffers[name] = slice_like(buffers[name], param_cuts)
 
     # ----------------------------------------------------------------- hook
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -154,8 +169,10 @@ class PeriodicWeightAveraging:
         _logger.debug("weight averaging: period %d, %d samples written back", self.periods, samples)
 
     def remove(self) -> None:
-        """Detach the optimizer hook."""
+        """Detach the optimizer hook (and the sparsifier's update hook)."""
         self._handle.remove()
+        if self._shrink_handle is not None:
+            self._shrink_handle.remove()
 
     # ------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
@@ -183,7 +200,8 @@ class PeriodicWeightAveraging:
             )
         for key, ref in (("sums", self._sums), ("active_counts", self._active_counts)):
             got = state[key]
-            if set(got) != set(ref) or any(tuple(got[n].shape) != tuple(ref[n].shape) for n in ref):
+            # (the parameters' shapes now: a model shrunk by a loaded sparsifier state has the saved ones)
+            if set(got) != set(ref) or any(tuple(got[n].shape) != tuple(self._params[n].shape) for n in ref):
                 raise ValueError(f"weight-averaging state: {key} do not fit the model's parameters")
         for name, t in state["sums"].items():
             self._sums[name] = t.to(self._params[name].device, torch.float32)

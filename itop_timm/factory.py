@@ -21,6 +21,7 @@ def sparsify(
     *,
     masks: Mapping[str, torch.Tensor] | None = None,
     compile_hook: bool = False,
+    defer_shrink: bool = False,
     **settings: Any,
 ) -> Sparsifier:
     """Train ``model`` sparse: draw masks, zero inactive weights and hook ``optimizer.step``.
@@ -40,6 +41,11 @@ def sparsify(
             once for the weight and all its optimizer state (the cheapest hook on the CPU; costs one
             compilation of tens of seconds at the start, so it pays off on long runs). Off: one
             ``torch._foreach_mul_`` with masks cached in the tensors' dtype.
+        defer_shrink: for a method that shrinks the live model (Chase with ``shrink``): slice removed
+            channels out only when you call :meth:`Sparsifier.shrink` (see :attr:`Sparsifier.shrink_pending`)
+            instead of inside the optimizer step that removes them; needed where something else holds the
+            parameters during the step, e.g. a DistributedDataParallel wrapper, which you take off around
+            ``shrink()`` and put back on (the recipe does).
 
     Every argument is validated before the model or optimizer is touched; bad values raise ``ValueError``
     naming the value and what is allowed.
@@ -50,4 +56,6 @@ def sparsify(
     if config is not None and settings:
         raise ValueError(f"give either config or settings, not both (got config and {sorted(settings)})")
     config = config if config is not None else SparsityConfig.resolve(**settings)
-    return Sparsifier(model, optimizer, config, masks=masks, compile_hook=compile_hook)
+    return Sparsifier(
+        model, optimizer, config, masks=masks, compile_hook=compile_hook, defer_shrink=defer_shrink
+    )

@@ -78,6 +78,7 @@ class Sparsifier:
         config: SparsityConfig,
         masks: Mapping[str, torch.Tensor] | None = None,
         compile_hook: bool = False,
+        defer_shrink: bool = False,
     ) -> None:
         check_supported_wrapping(model, optimizer)
         self.model = unwrap_model(model)
@@ -110,12 +111,15 @@ class Sparsifier:
             counts = active_counts(shapes, self.target_densities)
         rule = config.structure_rule()
         self.structure = None if rule is None else copy.copy(rule)  # this run's copy of the config's rule
-        if getattr(rule, "shrink", False) and isinstance(model, nn.parallel.DistributedDataParallel):
+        shrinks = rule is not None and rule.shrinks
+        if shrinks and not defer_shrink and isinstance(model, nn.parallel.DistributedDataParallel):
             raise ValueError(
                 "method_options shrink with a DistributedDataParallel model: DDP's reducer holds the "
-                "parameters, which a shrink slices; sparsify the unwrapped model and rebuild the DDP "
-                "wrapper after every shrink (an update hook's 'shrink' event), or leave shrink off"
+                "parameters, which a shrink slices; pass defer_shrink=True and call shrink() between "
+                "steps with the DDP wrapper taken off (then wrap the model again), or leave shrink off"
             )
+        self._defer_shrink = defer_shrink
+        self._shrink_pending = False
         if self.structure is not None:  # may refuse the architecture, naming the layer
             self.structure.bind(
                 RuleContext(
@@ -258,9 +262,9 @@ class Sparsifier:
             allowed = self.structure.after_step(self.step, self._params)
             if allowed:
                 self.restrict(allowed)
-                cuts = self.structure.shrink_cuts()
-                if cuts:
-                    self._shrink(cuts)
+                self._shrink_pending = self.structure.shrinks
+                if not self._defer_shrink:
+                    self.shrink()
         if self._state.grad_ema is not None:
             self._state.update_grad_ema(self.method.grad_ema_beta)
         if self.update_due(self.step):
@@ -315,13 +319,35 @@ class Sparsifier:
         self._notify_update(stats)
         return stats
 
+    @property
+    def shrinks(self) -> bool:
+        """Whether the method slices the units it removes out of the live model (Chase with ``shrink``)."""
+        return self.structure is not None and self.structure.shrinks
+
+    @property
+    def shrink_pending(self) -> bool:
+        """Whether units the structure rule removed wait to be sliced out by :meth:`shrink` (only ever
+        with ``defer_shrink=True``; otherwise the step that removes them slices them out)."""
+        return self._shrink_pending
+
+    def shrink(self) -> dict[str, Any] | None:
+        """Slice the units the structure rule removed (Chase with ``shrink``) out of the live model, its
+        optimizer state and the masks now; returns the ``"shrink"`` stats the update hooks get, or ``None``
+        when nothing is left to slice. The optimizer step that removes units calls it, unless the
+        sparsifier was made with ``defer_shrink=True``: then call it between steps, at a point where
+        nothing else holds the parameters (e.g. with a DDP wrapper taken off). Until then the removed
+        units are only masked, which computes the same. Every rank must call it."""
+        self._shrink_pending = False
+        cuts = None if self.structure is None else self.structure.shrink_cuts()
+        return self._shrink(cuts) if cuts else None
+
     def _shrink_model(self, cuts: Cuts) -> None:
         """Slice ``cuts`` out of the optimizer state (checked first) and the model (the structure rule)."""
         shrink_optimizer_state(self.optimizer, dict(self.model.named_parameters()), cuts)
         self.structure.apply_shrink(cuts)
 
     @torch.no_grad()
-    def _shrink(self, cuts: Cuts) -> None:
+    def _shrink(self, cuts: Cuts) -> dict[str, Any]:
         """After the structure rule removed units for good (their weights restricted away): slice them out
         of the live model, its optimizer state and the masks, and tell the update hooks (``"event"``
         ``"shrink"``, with the ``cuts`` so that owners of other parameter-shaped tensors slice them too)."""
@@ -340,6 +366,7 @@ class Sparsifier:
             "shrink at step %d: %d -> %d parameters", self.step, stats["params_before"], stats["params_after"]
         )
         self._notify_update(stats)
+        return stats
 
     def _masks_changed(self, stats: dict[str, Any]) -> None:
         """After masks changed on every rank: re-mask weights and state, count, add the figures to ``stats``."""

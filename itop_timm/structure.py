@@ -94,6 +94,11 @@ class StructureRule:
     #: then also writes the compacted checkpoint)
     compacts: ClassVar[bool] = False
 
+    @property
+    def shrinks(self) -> bool:
+        """Whether the rule slices the channels it removes out of the live model (:meth:`shrink_cuts`)."""
+        return False
+
     def bind(self, context: RuleContext) -> None:
         """Check the model and remember what the rule needs; called before the sparsifier changes
         anything (raise ``ValueError`` naming the layer for an architecture the rule cannot handle)."""

@@ -204,9 +204,21 @@ def test_structured_quick(bench_env):
     env, results = bench_env
     run_script("structured.py", env, "--quick")
     data = json.loads((results / "structured_quick.json").read_text())
-    assert [r["model"] for r in data["table"]] == ["dense", "rmda_l0.01", "chase_sc0.5", "srigl"]
+    assert [r["model"] for r in data["table"]] == [
+        "dense",
+        "rmda_l0.01",
+        "chase_sc0.5",
+        "chase_sc0.5_layer_shrink",
+        "srigl",
+    ]
     chase = next(r for r in data["rows"] if r["model"] == "chase_sc0.5")
     assert chase["channels_removed"] > 0 and chase["params_ratio"] < 1 and chase["same_after_compaction"]
+    shrunk = next(r for r in data["rows"] if r["model"] == "chase_sc0.5_layer_shrink")
+    assert shrunk["same_after_compaction"] and shrunk["params_ratio"] < 1 and shrunk["channels_removed"] > 0
+    assert (
+        0 < shrunk["train_macs_ratio"] < 1 and shrunk["macs_per_step"][-1][1] < shrunk["macs_per_step"][0][1]
+    )
+    assert Path(data["macs_plot"]).stat().st_size > 1000
     assert all(r["speedup_224px_b64"] > 0 for r in data["rows"]) and Path(data["plot"]).stat().st_size > 1000
 
 

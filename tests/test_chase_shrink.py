@@ -17,12 +17,19 @@ from itop_timm.structured import compact
 from itop_timm.structured.shrink import LiveShrink
 
 
-def run(shrink: bool, steps: int = 24, compute: str = "masked", dtype=torch.float32, **options):
+def run(
+    shrink: bool,
+    steps: int = 24,
+    compute: str = "masked",
+    dtype=torch.float32,
+    defer: bool = False,
+    **options,
+):
     """A Chase run on the small test ResNet; returns the model, sparsifier, per-step losses and the cuts of
-    every shrink (in order)."""
+    every shrink (in order). ``defer``: shrink between steps (``defer_shrink``, as the recipe does)."""
     model = resnet().to(dtype)
     opt = sgd(model)
-    sp = chase_sparsify(model, opt, {"shrink": shrink, **options}, compute=compute)
+    sp = chase_sparsify(model, opt, {"shrink": shrink, **options}, compute=compute, defer_shrink=defer)
     cuts = []
     sp.register_update_hook(
         lambda s, stats: cuts.append(stats["cuts"]) if stats.get("event") == "shrink" else None
@@ -36,6 +43,10 @@ def run(shrink: bool, steps: int = 24, compute: str = "masked", dtype=torch.floa
         loss = nn.functional.cross_entropy(model(x.to(dtype)), y)
         loss.backward()
         opt.step()
+        if defer:
+            pending = sp.shrink_pending
+            assert (sp.shrink() is not None) == pending
+            assert not sp.shrink_pending
         losses.append(loss.item())
     return model, sp, losses, cuts
 
@@ -49,13 +60,18 @@ def sliced(tensors: dict[str, torch.Tensor], all_cuts: list[dict]) -> dict[str, 
     return out
 
 
-@pytest.mark.parametrize("ranking", ["global", "layer"])
-def test_shrink_trains_the_same_run_on_a_smaller_network(ranking):
+@pytest.mark.parametrize(
+    "ranking, defer",
+    [("global", False), ("layer", False), ("layer", True)],
+    ids=["global", "layer", "deferred"],
+)
+def test_shrink_trains_the_same_run_on_a_smaller_network(ranking, defer):
     # in float64, so that the smaller sums' different rounding (fp32: ~1e-7) cannot flip a near-tie of the
-    # topology update and let the two runs drift apart; exact ties go to the lowest index in both
+    # topology update and let the two runs drift apart; exact ties go to the lowest index in both.
+    # deferred: sliced after the step's topology update instead of before it (what the recipe does)
     f64 = torch.float64
     full_model, full, full_losses, _ = run(False, ranking=ranking, dtype=f64)
-    model, sp, losses, cuts = run(True, ranking=ranking, dtype=f64)
+    model, sp, losses, cuts = run(True, ranking=ranking, dtype=f64, defer=defer)
 
     assert len(cuts) >= 2  # several removals, each shrinking the live model
     assert sum(p.numel() for p in model.parameters()) < 0.8 * sum(p.numel() for p in full_model.parameters())
@@ -87,7 +103,7 @@ def test_in_fp32_a_shrunk_step_computes_what_the_masked_one_does():
     # gradients up to rounding
     full_model, full, _, _ = run(False, steps=8)  # removals at steps 3 and 7
     shrunk = copy.deepcopy(full_model)
-    live = LiveShrink(shrunk, full.structure.units)
+    live = LiveShrink(shrunk, full.structure.units, SIZE)
     cuts = live.cuts_for({name: ~alive for name, alive in full.structure.alive.items()})
     live.apply(cuts)
     x, y = torch.randn(4, *SIZE, generator=torch.Generator().manual_seed(5)), torch.arange(4)

@@ -1063,13 +1063,3 @@ def test_recipe_refuses_chase_on_a_model_without_removable_channels_before_writi
     ):
         run_config(cfg)
     assert not (tmp_path / "run").exists()
-
-
-def test_recipe_refuses_chase_shrink_before_writing(tiny_data, tmp_path):
-    """Issue 25: the recipe's checkpoints, resume, DDP and averaging do not follow a shrinking model yet."""
-    cfg = tiny_config(
-        tiny_data, tmp_path / "run", sparsity={"method": "chase", "method_options": {"shrink": True}}
-    )
-    with pytest.raises(ValueError, match=r"method_options.shrink is not supported by the recipe yet"):
-        run_config(cfg)
-    assert not (tmp_path / "run").exists()

@@ -64,7 +64,7 @@ def test_shrunk_model_computes_what_the_masked_one_does(name):
     identity = {n: id(p) for n, p in model.named_parameters()}
     before = sum(p.numel() for p in model.parameters())
 
-    shrink = LiveShrink(model, units)
+    shrink = LiveShrink(model, units, (3, size, size))
     shrink.apply(shrink.cuts_for(dead))
 
     assert {n: id(p) for n, p in model.named_parameters()} == identity  # the same Parameter objects
@@ -92,11 +92,44 @@ def test_shrunk_model_computes_what_the_masked_one_does(name):
     assert str(model)  # prints
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_architecture_record_rebuilds_the_shrunk_model(name):
+    # what save_sparse stores and load_sparse replays with torch-pruning on a fresh timm model
+    from itop_timm.checkpoint import ARCHITECTURE_ATTR
+    from itop_timm.structured.compacted import rebuild_compacted
+
+    model, units, dead, size = setup(name)
+    shrink = LiveShrink(model, units, (3, size, size))
+    shrink.apply(
+        shrink.cuts_for(
+            {
+                u.name: d & (torch.arange(u.num_channels) % 2 == 0)
+                for u, d in zip(units, dead.values(), strict=True)
+            }
+        )
+    )
+    shrink.apply(shrink.cuts_for(dead))  # two shrinks: one entry per unit, original coordinates
+    record = getattr(model, ARCHITECTURE_ATTR)
+    assert record["input_size"] == [3, size, size]
+    assert len(record["history"]) == sum(bool(d.any()) for d in dead.values())
+    kwargs = MODELS[name][1]
+    fresh = rebuild_compacted(timm.create_model(name, pretrained=False, num_classes=10, **kwargs), record)
+    assert {n: p.shape for n, p in fresh.state_dict().items()} == {
+        n: p.shape for n, p in model.state_dict().items()
+    }
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, size, size)
+    model.eval()
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
 def test_shrinks_accumulate_in_original_coordinates():
     model, units, dead, size = setup("resnet18", seed=1)
     ref = masked_reference(model, units, dead)
     model = copy.deepcopy(ref)
-    shrink = LiveShrink(model, units)
+    shrink = LiveShrink(model, units, (3, size, size))
     first = {u.name: dead[u.name] & (torch.arange(u.num_channels) % 2 == 0) for u in units}
     shrink.apply(shrink.cuts_for(first))
     assert torch.equal(shrink.channels_present(units[0]), ~first[units[0].name])
@@ -124,7 +157,7 @@ def test_gradients_and_optimizer_state_follow():
     old = {n: p.detach().clone() for n, p in params.items()}
     old_state = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in params.items()}
 
-    shrink = LiveShrink(model, units)
+    shrink = LiveShrink(model, units, (3, size, size))
     cuts = shrink.cuts_for(dead)
     shrink_optimizer_state(opt, params, cuts)
     shrink.apply(cuts)
@@ -148,7 +181,7 @@ def test_a_state_that_cannot_follow_is_named():
     params = dict(model.named_parameters())
     name = units[0].scored
     opt.state[params[name]]["factored"] = torch.zeros(params[name].shape[0])
-    shrink = LiveShrink(model, units)
+    shrink = LiveShrink(model, units, (3, size, size))
     cuts = shrink.cuts_for(dead)
     momentum = {n: id(opt.state[p]["momentum_buffer"]) for n, p in params.items()}
     with pytest.raises(
@@ -160,7 +193,7 @@ def test_a_state_that_cannot_follow_is_named():
 
 
 def test_unsliceable_layers_are_refused_before_anything_changes():
-    model, units, _, _ = setup("resnet18")
+    model, units, _, size = setup("resnet18")
     unit = units[0]
     module_name = unit.slices[0].param_name.rpartition(".")[0]
     parent, _, child = module_name.rpartition(".")
@@ -170,4 +203,4 @@ def test_unsliceable_layers_are_refused_before_anything_changes():
     with pytest.raises(
         ValueError, match=rf"channels of {unit.name!r} cannot be sliced in place .*transposed"
     ):
-        LiveShrink(model, units)
+        LiveShrink(model, units, (3, size, size))

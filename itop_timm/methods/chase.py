@@ -118,6 +118,10 @@ class ChaseRule(StructureRule):
         False,
     )
 
+    @property
+    def shrinks(self) -> bool:
+        return self.shrink
+
     def __post_init__(self) -> None:
         self._traced: dict[tuple, list[ChannelUnit]] = {}  # shared by copies: one trace per architecture
 
@@ -144,7 +148,7 @@ class ChaseRule(StructureRule):
             self._traced[key] = units
         self.units = self._traced[key]
         # validates that every unit can be sliced in place, before anything changes
-        self._live = LiveShrink(context.model, self.units) if self.shrink else None
+        self._live = LiveShrink(context.model, self.units, size) if self.shrink else None
         self._shapes = dict(context.shapes)
         self._budget = dict(context.counts)
         self._targets = dict(context.counts)

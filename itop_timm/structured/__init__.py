@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .compact import compact
+from .compact import compact, count_macs_and_params
 from .compacted import compact_checkpoint, rebuild_compacted
 from .condense import CondensedLinear, condense
 from .dependency import ChannelGroup, ChannelSlice, coupled_channel_groups
@@ -31,6 +31,7 @@ __all__ = [
     "ChannelSlice",
     "coupled_channel_groups",
     "compact",
+    "count_macs_and_params",
     "compact_checkpoint",
     "rebuild_compacted",
     "MaskImportance",

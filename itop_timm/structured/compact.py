@@ -46,7 +46,7 @@ from .dependency import (
     tracing_state,
 )
 
-__all__ = ["compact", "HISTORY_ATTR", "check_tol"]
+__all__ = ["compact", "count_macs_and_params", "HISTORY_ATTR", "check_tol"]
 
 _logger = logging.getLogger(__name__)
 
@@ -181,7 +181,9 @@ def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return out if isinstance(out, torch.Tensor) else None
 
 
-def _ops_and_params(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+def count_macs_and_params(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """Multiply-accumulates of one forward pass on ``x`` and the number of parameters (torch-pruning's
+    counter, with the model in its tracing state)."""
     from torch_pruning.utils import count_ops_and_params
 
     with tracing_state(model), torch.no_grad():
@@ -251,7 +253,7 @@ def compact(
             plan.append((traced, idxs))
 
     y_before = _forward(model, x)
-    macs_before, params_before = _ops_and_params(model, x)
+    macs_before, params_before = count_macs_and_params(model, x)
     masked_nonzero = any(bool((params[n].detach()[~m] != 0).any()) for n, m in masks.items())
     names = _layer_names(model, graph)
     counts: dict[str, dict[str, int]] = {}
@@ -287,7 +289,7 @@ def compact(
 
     try:
         y_after = _forward(model, x)
-        macs_after, params_after = _ops_and_params(model, x)
+        macs_after, params_after = count_macs_and_params(model, x)
     except Exception as err:
         raise RuntimeError(
             f"compact({model_label(model)}): the compacted model no longer runs ({type(err).__name__}: {err}); "

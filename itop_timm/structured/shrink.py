@@ -7,7 +7,10 @@ channel's positions out of every tensor of its coupled group — producer rows (
 weights and biases, BatchNorm affine parameters *and* running statistics, depthwise kernels) and
 consumer columns — and updates each layer's size attributes (``out_channels``, ``in_features``,
 ``num_features``, a depthwise convolution's ``groups``), so the model prints, runs and traces as the
-smaller architecture.
+smaller architecture. After every slicing the model carries the architecture record of a compacted
+model (``model.itop_timm_pruning_history``: one torch-pruning history entry per unit, its removed
+channels in the original coordinates), so ``save_sparse`` writes the smaller network and ``load_sparse``
+rebuilds it from timm's architecture.
 
 Each ``nn.Parameter`` keeps its identity (``param.data`` is replaced): the user's optimizer, its
 hooks and the sparsifier keep working. Everything else shaped like a parameter — gradients, optimizer
@@ -20,10 +23,12 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..checkpoint import ARCHITECTURE_ATTR
 from ..cuts import Cuts, slice_like
 from .dependency.units import ChannelUnit
 
@@ -61,7 +66,7 @@ class LiveShrink:
             (:func:`sliceable_reason`); nothing is changed.
     """
 
-    def __init__(self, model: nn.Module, units: Sequence[ChannelUnit]) -> None:
+    def __init__(self, model: nn.Module, units: Sequence[ChannelUnit], input_size: Sequence[int]) -> None:
         params = dict(model.named_parameters())
         for unit in units:
             for s in unit.slices:
@@ -76,6 +81,7 @@ class LiveShrink:
                 raise ValueError(f"shrink: the channels of {unit.name!r} cannot be sliced in place ({why})")
         self.model = model
         self.units = list(units)
+        self.input_size = [int(s) for s in input_size]
         # original positions still present, per (parameter, dim) the units slice
         self._present: dict[tuple[str, int], torch.Tensor] = {
             (s.param_name, s.dim): torch.arange(params[s.param_name].shape[s.dim])
@@ -137,6 +143,21 @@ class LiveShrink:
                 self._present[(name, dim)] = present[keep]
         for module in touched.values():
             _resize_attributes(module)
+        setattr(self.model, ARCHITECTURE_ATTR, self.architecture())
+
+    def architecture(self) -> dict[str, Any]:
+        """The model's architecture as a compacted model's record: ``{"history": [[producer layer, True,
+        removed rows], ...], "input_size": [C, H, W]}``, one torch-pruning entry per unit that lost
+        channels, in the original coordinates (replayed on a fresh model by
+        :func:`~itop_timm.structured.compacted.rebuild_compacted`)."""
+        history: list[list[Any]] = []
+        for unit in self.units:
+            (_, index, channel) = next(r for r in unit.rows if r[0] == unit.scored)
+            gone = ~self.channels_present(unit)
+            if bool(gone.any()):
+                rows = sorted(int(i) for i in index[gone[channel]].tolist())
+                history.append([unit.scored.rpartition(".")[0], True, rows])
+        return {"history": history, "input_size": list(self.input_size)}
 
 
 def _replace(p: nn.Parameter, data: torch.Tensor, grad: torch.Tensor | None) -> None:

@@ -198,7 +198,9 @@ def build_sparsifier(
     config = sparsity_config(cfg, total_steps)
     if checked is not None:
         config = checked.replace(**config.library_fields())
-    return Sparsifier(model, optimizer, config)
+    # a model that shrinks (Chase with shrink) is sliced between steps, where the loop can take a DDP
+    # wrapper off: TrainingRun.shrink_between_steps
+    return Sparsifier(model, optimizer, config, defer_shrink=True)
 
 
 def sparsity_config(cfg: TrainConfig, total_steps: int) -> SparsityConfig:

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from .builders import (
 )
 from .checkpointing import register_state_hooks, remove_stale_temporaries, save_checkpoint
 from .config import TrainConfig
+from .ddp import put_on_ddp, take_off_ddp
 from .output_folder import OutputBusyError, OutputLock, remove_previous_results
 from .preflight import InputError, preflight
 from .reporting import (
@@ -119,9 +121,11 @@ class TrainingRun:
         )
         optimizer = build_optimizer(cfg, model)
         names = list(data.loaders)
-        prepared = accelerator.prepare(model, optimizer, *[data.loaders[n] for n in names])
-        self.model, self.optimizer = prepared[0], prepared[1]
-        self.loaders = dict(zip(names, prepared[2:], strict=True))
+        # (no local reference to a DDP wrapper: a shrinking model takes it off while resuming)
+        self.model, self.optimizer, *loaders = accelerator.prepare(
+            model, optimizer, *[data.loaders[n] for n in names]
+        )
+        self.loaders = dict(zip(names, loaders, strict=True))
         self.train_loader = self.loaders["train"]
         steps_per_epoch = math.ceil(len(self.train_loader) / cfg.train.gradient_accumulation_steps)
         self.total_steps = cfg.train.epochs * steps_per_epoch
@@ -131,8 +135,12 @@ class TrainingRun:
         unwrapped = accelerator.unwrap_model(self.model)
         self.sparsifier = build_sparsifier(cfg, unwrapped, self.optimizer, self.total_steps, checked_sparsity)
         self.averager = build_averager(cfg, unwrapped, self.optimizer, self.sparsifier, steps_per_epoch)
+        #: the model loses channels during training (Chase with shrink): sliced between optimizer steps
+        self.shrinks = self.sparsifier is not None and self.sparsifier.shrinks
         self.topology = (
-            TopologyLog(self.sparsifier, accelerator.num_processes) if self.sparsifier is not None else None
+            TopologyLog(self.sparsifier, accelerator.num_processes, self._shrink_figures)
+            if self.sparsifier is not None
+            else None
         )
 
         self.state = TrainState()
@@ -190,7 +198,8 @@ class TrainingRun:
         register_state_hooks(self.accelerator, stateful)
         if resume_dir is None:
             return
-        with _not_training(self.sparsifier):
+        # (a shrunk run's state first brings the freshly built model to the saved shapes: no DDP on it)
+        with _not_training(self.sparsifier), self._unwrapped_if_shrinking():
             load_training_state(self.accelerator, resume_dir)
         state = self.state
         _logger.info(
@@ -231,7 +240,7 @@ class TrainingRun:
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self, epoch: int) -> None:
         """Train ``epoch`` from where it stands (mid-epoch after a resume), then validate."""
-        accelerator, model, state = self.accelerator, self.model, self.state
+        accelerator, state = self.accelerator, self.state
         state.epoch = epoch
         self.epoch_start = time.perf_counter()
         self.epoch_loss.zero_()
@@ -242,11 +251,12 @@ class TrainingRun:
         if state.batches_in_epoch:
             loader = accelerator.skip_first_batches(self.train_loader, state.batches_in_epoch)
         for x, y in device_batches(loader, self.data.train_set, epoch):
-            with accelerator.accumulate(model):
-                loss = self.criterion(model(x), y)
+            # (self.model each batch: a shrink between steps wraps the model anew under DDP)
+            with accelerator.accumulate(self.model):
+                loss = self.criterion(self.model(x), y)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and self.cfg.optim.clip_grad is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), self.cfg.optim.clip_grad)
+                    accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             state.batches_in_epoch += 1
@@ -260,6 +270,11 @@ class TrainingRun:
 
     def _after_optimizer_step(self, epoch: int) -> None:
         cfg, state = self.cfg, self.state
+        if self.shrinks and self.sparsifier.shrink_pending:
+            with self._unwrapped_if_shrinking():
+                self.sparsifier.shrink()
+            # the best weights so far no longer fit the model: the best is among the epochs after it
+            state.best_val_top1, state.best_epoch = TrainState.best_val_top1, TrainState.best_epoch
         self.step_lr = self.optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves on
         state.step += 1
         self.window_steps += 1
@@ -276,6 +291,32 @@ class TrainingRun:
         if cfg.run.checkpoint_interval and state.step % cfg.run.checkpoint_interval == 0:
             if state.step < self.total_steps:
                 self.checkpoint()
+
+    @contextlib.contextmanager
+    def _unwrapped_if_shrinking(self) -> Iterator[None]:
+        """Inside, a model that shrinks is without its DDP wrapper (whose reducer holds the parameters
+        a shrink slices: between steps, and while a checkpoint's state brings a fresh model to its
+        shapes); a new wrapper is put on after."""
+        if not (self.shrinks and isinstance(self.model, torch.nn.parallel.DistributedDataParallel)):
+            yield
+            return
+        self.model = take_off_ddp(self.accelerator, self.model)
+        try:
+            yield
+        finally:
+            self.model = put_on_ddp(self.accelerator, self.model)
+
+    def _shrink_figures(self) -> dict[str, Any]:
+        """The shrunk model's MACs at the run's input size (batch 1), for the ``shrink`` record."""
+        from ..structured import count_macs_and_params
+
+        model_cfg = self.cfg.model
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        ref = next(unwrapped.parameters())
+        x = torch.zeros(
+            1, model_cfg.in_chans, model_cfg.img_size, model_cfg.img_size, device=ref.device, dtype=ref.dtype
+        )
+        return {"macs": count_macs_and_params(unwrapped, x)[0]}
 
     def _log_averaging(self, epoch: int) -> None:
         """A weight-averaging write-back of this step: BatchNorm re-estimated, an ``averaging`` record."""

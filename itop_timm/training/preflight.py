@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,23 @@ def single_process_steps(cfg: TrainConfig, train_samples: int) -> int:
     return cfg.train.epochs * math.ceil(batches / cfg.train.gradient_accumulation_steps)
 
 
+def check_shrink_options(cfg: TrainConfig) -> None:
+    """Refuse what a model that shrinks during training (Chase with ``shrink``) cannot run under."""
+    if cfg.train.fsdp:
+        raise ValueError(
+            "sparsity.method_options.shrink with train.fsdp=true: sharded parameters cannot be sliced in "
+            "place (Chase traces whole tensors); use DDP (train.fsdp false) or leave shrink off"
+        )
+    backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no")
+    if backend.lower() != "no":
+        raise ValueError(
+            f"sparsity.method_options.shrink with torch.compile (accelerate launch --dynamo_backend "
+            f"{backend.lower()}): every shrink changes the parameters' shapes, so the compiled model would be "
+            f"recompiled at every channel removal, past torch.compile's recompile limit; launch with "
+            f"--dynamo_backend no, or leave shrink off"
+        )
+
+
 def preflight(cfg: TrainConfig) -> tuple[Path | None, Any, SparsityConfig | None]:
     """Validate everything that can be checked before training, writing nothing.
 
@@ -73,13 +91,8 @@ def preflight(cfg: TrainConfig) -> tuple[Path | None, Any, SparsityConfig | None
     config = None if cfg.dense else sparsity_config(cfg, total_steps=1)
     if config is not None and config.compute == "sparse":
         check_sparse_compute(cfg)
-    if config is not None and (config.method_options or {}).get("shrink"):
-        raise ValueError(
-            f"sparsity.method_options.shrink is not supported by the recipe yet: its checkpoints, resume, "
-            f"DDP wrapper and weight averaging do not follow a model that shrinks during training. Use "
-            f"itop_timm.sparsify(..., method={config.method!r}, method_options={{'shrink': True}}) in your "
-            f"own loop, or leave shrink off"
-        )
+    if config is not None and (rule := config.structure_rule()) is not None and rule.shrinks:
+        check_shrink_options(cfg)
     if cfg.optim.opt.lower() in ("rmda", "proxsgd") and cfg.optim.weight_decay:
         raise ValueError(
             f"optim.opt={cfg.optim.opt} takes no weight decay (its weight_lambda regularises): set optim.weight_decay 0"

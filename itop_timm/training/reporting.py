@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -283,15 +283,38 @@ class TopologyLog:
     the optimizer step).
     """
 
-    def __init__(self, sparsifier: Sparsifier, ranks: int) -> None:
+    def __init__(
+        self,
+        sparsifier: Sparsifier,
+        ranks: int,
+        shrink_figures: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self.sparsifier = sparsifier
         self.ranks = ranks
+        self.shrink_figures = shrink_figures
         self._updates: list[dict[str, Any]] = []
         self.handle = sparsifier.register_update_hook(lambda sp, stats: self._updates.append(stats))
 
     def write(self, log: MetricsLog, step: int, epoch: int, itop_history: list[dict[str, Any]]) -> None:
-        """Log the updates of the optimizer step ``step`` (every rank: the mask check is collective)."""
+        """Log the updates of the optimizer step ``step`` (every rank: the mask check is collective). A
+        live shrink (``event`` ``shrink``) becomes a ``shrink`` record with the parameters before and
+        after and ``shrink_figures()`` (the recipe: the smaller model's MACs)."""
         for stats in self._updates:
+            if stats.get("event") == "shrink":
+                record = {k: v for k, v in stats.items() if k not in ("cuts", "event", "step")}
+                record["mask_fingerprint"] = check_masks_identical(self.sparsifier, step)
+                if self.shrink_figures is not None:
+                    record |= self.shrink_figures()
+                log.write(
+                    {
+                        "event": "shrink",
+                        "epoch": epoch,
+                        "step": step,
+                        "sparsifier_step": stats["step"],
+                        **record,
+                    }
+                )
+                continue
             update = {k: v for k, v in stats.items() if k != "layers"}
             if "skipped" not in update:
                 update["mask_fingerprint"] = check_masks_identical(self.sparsifier, step)
