@@ -257,14 +257,19 @@ def averaging() -> str:
     )
 
 
+def _machine_name(machine: dict | None) -> str:
+    return f"{machine['cpu']}, {machine['cores']} cores" if machine else "machine not recorded"
+
+
 def structured() -> str:
     data = _load("structured.json")
     if not data or not data.get("rows"):
         return "*not run yet*"
     dense_top1 = {r["seed"]: r["test_top1"] for r in data["rows"] if r["model"] == "dense"}
     runs = [
-        {**r, "delta_top1": r["test_top1"] - dense_top1[r["seed"]]} for r in data["rows"]
-    ]  # paired by seed
+        {**r, "delta_top1": r["test_top1"] - r.get("dense_test_top1", dense_top1[r["seed"]])}
+        for r in data["rows"]
+    ]  # paired by seed, with the dense run of the row's own invocation
     table = aggregate_seeds(runs)
 
     def pm(r: dict, key: str, fmt: str = ".2f") -> str:
@@ -272,23 +277,37 @@ def structured() -> str:
 
     header = (
         "| model | seeds | test top-1 | Δ vs dense (same seed) | params ratio | MACs ratio (28 px) | speed-up 28 px b1 | 28 px b64 "
-        "| **224 px b1** | **224 px b64** | training time vs dense |"
+        "| **224 px b1** | **224 px b64** | training time vs dense | training MACs vs dense |"
     )
     lines = [
         f"| {r['model']} | {len(r['seeds'])} | {pm(r, 'test_top1')} | {r['delta_top1']:+.2f} ± {r['delta_top1_std']:.2f} | {r['params_ratio']:.3f} | "
         f"{r['macs_ratio']:.3f} | {pm(r, 'speedup_28px_b1')}× | {pm(r, 'speedup_28px_b64')}× | "
-        f"**{pm(r, 'speedup_224px_b1')}×** | **{pm(r, 'speedup_224px_b64')}×** | {pm(r, 'train_time_ratio')}× |"
+        f"**{pm(r, 'speedup_224px_b1')}×** | **{pm(r, 'speedup_224px_b64')}×** | {pm(r, 'train_time_ratio')}× | "
+        f"{pm(r, 'train_macs_ratio', '.3f') + '×' if 'train_macs_ratio' in r else '1 (full network)'} |"
         for r in table
     ]
     s = data["settings"]
     same = all(r["same_after_compaction"] for r in data["rows"])
+    only = s.get("only")
+    partial = (
+        f" Rows {', '.join(only)} were trained in the latest invocation (`--only`; Δ and training times "
+        f"against its own dense runs); the others are kept from an earlier full run "
+        f"({_machine_name(data.get('earlier_machine'))}; against that run's dense runs)."
+        if only
+        else ""
+    )
+    macs_plot = (
+        f"\n\n![MACs per training step]({Path(data['macs_plot']).relative_to(ROOT)})"
+        if data.get("macs_plot")
+        else ""
+    )
     return (
         f"Command: `{data['command']}` — {s['train_samples']} training images, {s['epochs']} epochs, seeds "
         f"{sorted({r['seed'] for r in data['rows']})}, density 0.1 for the sparse methods, RMDA lr {s['rmda_lr']}. Mean ± std over seeds; "
         f"speed-up = dense latency / compacted latency (dense row: the A/A control). Test top-1 identical "
-        f"before and after compaction for every run: {'yes' if same else 'NO'}.\n\n"
+        f"before and after compaction for every run: {'yes' if same else 'NO'}.{partial}\n\n"
         + _table(header, lines)
-        + f"\n\n![structured]({Path(data['plot']).relative_to(ROOT)})\n\n"
+        + f"\n\n![structured]({Path(data['plot']).relative_to(ROOT)}){macs_plot}\n\n"
         + _machine(data)
     )
 

@@ -226,6 +226,9 @@ def main() -> None:
     rows = saved if args.summarize else []
     if args.only and not args.summarize:
         rows = [r for r in saved if r["model"] not in args.only]
+    # the machine of the rows kept from an earlier invocation (--only)
+    earlier = json.loads(results_file.read_text()) if results_file.exists() else {}
+    earlier_machine = earlier.get("earlier_machine") or earlier.get("machine") if args.only else None
     if args.summarize:
         args.seeds = sorted({r["seed"] for r in rows})
     # with --reuse-runs, a reused run's measurements are read back too (same model: same test top-1)
@@ -239,6 +242,7 @@ def main() -> None:
             if name == "dense":
                 dense_dir, dense_time = Path(cfg["run"]["output_dir"]) / "model", summary["wall_time_s"]
                 dense_macs = count_macs_and_params(load_sparse(dense_dir)[0], torch.zeros(1, 1, 28, 28))
+                dense_top1 = summary["test_top1_last"]
             old = previous.get((name, seed))
             if old is not None and abs(old["test_top1"] - summary["test_top1_last"]) < 0.005:
                 rows.append(old)
@@ -256,6 +260,7 @@ def main() -> None:
                 "model": name,
                 "seed": seed,
                 "test_top1": before,
+                "dense_test_top1": dense_top1,  # the dense run of the same seed and invocation (Δ pairs with it)
                 "same_after_compaction": before == after,
                 "params_ratio": params / dense_macs[1],
                 "macs_ratio": macs / dense_macs[0],
@@ -290,8 +295,11 @@ def main() -> None:
     payload = {
         "benchmark": "structured",
         "machine": machine(),
+        "earlier_machine": earlier_machine,
         "settings": vars(args),
-        "command": "uv run python benchmarks/structured.py" + (" --quick" if args.quick else ""),
+        "command": "uv run python benchmarks/structured.py"
+        + (" --quick" if args.quick else "")
+        + (f" --only {' '.join(args.only)}" if args.only else ""),
         "wall_time_s": time.time() - start,
         "rows": rows,
         "table": table,
