@@ -373,7 +373,7 @@ def plot_macs(rows: list[dict], path: Path) -> Path:
     ax.set_xlabel("training step")
     ax.set_ylabel("MACs per step / dense")
     ax.set_ylim(0, 1.05)
-    ax.set_title("resnet18, Fashion-MNIST 28 px: Chase with shrink trains a shrinking network")
+    ax.set_title("resnet18, Fashion-MNIST 28 px: MACs per training step")
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
