@@ -222,12 +222,12 @@ def main() -> None:
 
     images = labels = None
     results_file = RESULTS / f"{tag}.json"
-    saved = json.loads(results_file.read_text())["rows"] if results_file.exists() else []
+    earlier = json.loads(results_file.read_text()) if results_file.exists() else {}
+    saved = earlier.get("rows", [])
     rows = saved if args.summarize else []
     if args.only and not args.summarize:
         rows = [r for r in saved if r["model"] not in args.only]
     # the machine of the rows kept from an earlier invocation (--only)
-    earlier = json.loads(results_file.read_text()) if results_file.exists() else {}
     earlier_machine = earlier.get("earlier_machine") or earlier.get("machine") if args.only else None
     if args.summarize:
         args.seeds = sorted({r["seed"] for r in rows})

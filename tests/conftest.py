@@ -23,6 +23,23 @@ def _deterministic_torch():
 
 
 @pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> str:
+    """A tiny image data set on disk (64 train, 32 test) for the recipe tests of one module."""
+    from helpers import make_disk_dataset
+
+    return make_disk_dataset(tmp_path_factory.mktemp("data"), n_train=64, n_test=32)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Reset Accelerate's process-wide state after a test that built an Accelerator."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
 def saved_checkpoint(tmp_path_factory):
     """A saved sparse checkpoint (dense and compact storage), its files and the reference state
     (see ``helpers.save_reference_checkpoints``)."""

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-import test_recipe
 import torch
 import yaml
 from helpers import checkpoint_metadata, forge_metadata, load_is_identical, train_sparse, write_folder
@@ -25,8 +24,6 @@ from test_timm_train import SCRIPT, SPARSE_ARGS, report, run
 from itop_timm import cli
 from itop_timm.checkpoint import CONFIG_FILE, load_sparse, save_sparse
 from itop_timm.serialization import CheckpointError
-
-tiny_data = test_recipe.tiny_data  # the recipe tests' module-scoped data set fixture
 
 
 def test_itop_timm_cli_train_and_methods(tiny_data, tmp_path):

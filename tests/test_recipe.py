@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import make_disk_dataset, make_image_folder, write_idx, write_plugin
+from helpers import make_image_folder, write_idx, write_plugin
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,17 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train.py"
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> str:
-    return make_disk_dataset(tmp_path_factory.mktemp("data"), n_train=64, n_test=32)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # (conftest.py)
 
 
 def tiny_config(data_dir: str, output: Path, **sections) -> dict:

@@ -11,23 +11,11 @@ import sys
 import pytest
 import torch
 import yaml
-from helpers import make_disk_dataset
 from test_recipe import RECIPE, ROOT, records, run_config, subprocess_env, tiny_config
 
 from itop_timm.checkpoint import load_sparse
 
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> str:
-    return make_disk_dataset(tmp_path_factory.mktemp("data"), n_train=64, n_test=32)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # (conftest.py)
 
 
 # removals at steps 1, 3, 5 (removal_interval 2, half a ΔT before the updates), 12 steps in all
