@@ -204,9 +204,15 @@ def run_recipe(
     if reuse and (summary := finished_run(cfg, processes=processes)) is not None:
         logging.getLogger(__name__).info("reusing the finished run in %s", out)
         return summary
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").unlink(missing_ok=True)
-    (out / "bench_config.yaml").write_text(_config_text(cfg, processes))
+    checkpoint = _interrupted_run_checkpoint(cfg, processes) if reuse else None
+    if checkpoint is not None:
+        logging.getLogger(__name__).info("continuing the interrupted run in %s from %s", out, checkpoint.name)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").unlink(missing_ok=True)
+        (out / LAUNCHES_FILE).unlink(missing_ok=True)
+        (out / "bench_config.yaml").write_text(_config_text(cfg, processes))
+    _record_launch(out, checkpoint)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
     recipe = [
         str(ROOT / "recipes" / "train.py"),
@@ -214,6 +220,7 @@ def run_recipe(
         str(out / "bench_config.yaml"),
         "--log-level",
         "WARNING",
+        *(["--run.resume", str(checkpoint)] if checkpoint is not None else []),
     ]
     if processes > 1:
         cmd = [
@@ -241,11 +248,41 @@ def run_recipe(
     return _read_run(out)
 
 
+# One JSON line per launch of a benchmark run (the machine it trained on, and the checkpoint it continued
+# from, if any): a run continued in another session may have trained on another machine, which its wall
+# time then mixes.
+LAUNCHES_FILE = "bench_launches.jsonl"
+
+
+def _interrupted_run_checkpoint(cfg: dict[str, Any], processes: int) -> Path | None:
+    """The latest checkpoint of an unfinished run in ``cfg``'s output folder whose saved config (and
+    process count) equals ``cfg``'s, or None: ``--reuse-runs`` continues it instead of starting over."""
+    from itop_timm.training.checkpointing import checkpoint_dir, latest_checkpoint
+
+    out = Path(cfg["run"]["output_dir"])
+    config_path = out / "bench_config.yaml"
+    if (out / "summary.json").exists() or not config_path.exists():
+        return None
+    if _without_output_dir(config_path.read_text()) != _without_output_dir(_config_text(cfg, processes)):
+        return None
+    return latest_checkpoint(checkpoint_dir(out))
+
+
+def _record_launch(out: Path, checkpoint: Path | None) -> None:
+    record = {"cpu": machine()["cpu"], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    record["resumed_from"] = checkpoint.name if checkpoint is not None else None
+    with open(out / LAUNCHES_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def _read_run(out: Path) -> dict[str, Any]:
     summary = json.loads((out / "summary.json").read_text())
     summary["metrics"] = [
         json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line
     ]
+    launches = out / LAUNCHES_FILE  # absent in runs finished before it was recorded
+    if launches.exists():
+        summary["launches"] = [json.loads(line) for line in launches.read_text().splitlines() if line]
     return summary
 
 

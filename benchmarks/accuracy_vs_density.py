@@ -372,6 +372,9 @@ def main() -> None:
                 "itop_history": history,
             }
         )
+        if "launches" in summary:  # absent from runs finished before launches were recorded
+            runs[-1]["launches"] = len(summary["launches"])
+            runs[-1]["cpus"] = sorted({launch["cpu"] for launch in summary["launches"]})
         if (out / "compacted").is_dir() and summary.get("compacted"):
             runs[-1]["latency_224px_vs_dense"] = compacted_latency_ratio(out)
         logging.info(

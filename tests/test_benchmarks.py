@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -279,6 +280,52 @@ def test_finished_run_is_found_from_a_moved_folder_and_only_for_its_own_config(t
     assert common.finished_run(cfg_moved, processes=2) is None
     (moved / "summary.json").unlink()  # unfinished
     assert common.finished_run(cfg_moved) is None
+
+
+@pytest.mark.slow  # two recipe launches, ~45 s on 2 cores; run with -m slow
+def test_an_interrupted_run_continues_from_its_latest_checkpoint(bench_env, tmp_path, monkeypatch):
+    """--reuse-runs continues a run that a session's end cut short (from its latest checkpoint, through
+    the recipe's --run.resume) and ends as the uninterrupted run does; each launch is recorded."""
+    env, _ = bench_env
+    monkeypatch.setenv("ITOP_TIMM_FASHION_MNIST_DIR", env["ITOP_TIMM_FASHION_MNIST_DIR"])
+    common = _bench_common()
+    out = tmp_path / "rigl_d0.1_s0"
+    cfg = common.fashion_mnist_config(
+        out,
+        epochs=2,
+        train_samples=64,
+        seed=0,
+        method="rigl",
+        density=0.1,
+        update_interval=2,
+        batch_size=16,
+        eval_samples=32,
+    )
+    cfg["model"]["name"] = "resnet10t"
+    cfg["run"] |= {"checkpoint_interval": 3, "keep_checkpoints": 10}
+    whole = common.run_recipe(cfg, reuse=True)
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints][:2] == ["step_00000003", "step_00000006"]
+
+    # the session ended after step 3's checkpoint: no summary, later checkpoints never written
+    (out / "summary.json").unlink()
+    for later in checkpoints[1:]:
+        shutil.rmtree(later)
+    continued = common.run_recipe(cfg, reuse=True)
+    for key in ("test_top1_last", "test_loss_last", "total_steps", "itop_rate", "density"):
+        assert continued[key] == whole[key], key
+    steps = [r["step"] for r in continued["metrics"] if r.get("event") == "train"]
+    assert steps == sorted(set(steps)) and steps == [
+        r["step"] for r in whole["metrics"] if r.get("event") == "train"
+    ]
+    first, second = continued["launches"][-2:]
+    assert first["resumed_from"] is None and second["resumed_from"] == "step_00000003"
+    assert second["cpu"] == common.machine()["cpu"]
+
+    # a config change is a new run: it starts over instead of continuing the old one's checkpoint
+    (out / "summary.json").unlink()
+    cfg["train"]["seed"] = 1
+    assert common._interrupted_run_checkpoint(cfg, 1) is None
 
 
 @pytest.mark.slow  # three tiny recipe runs plus the step and layer timings: about a minute
