@@ -209,8 +209,8 @@ def run_recipe(
         logging.getLogger(__name__).info("continuing the interrupted run in %s from %s", out, checkpoint.name)
     else:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").unlink(missing_ok=True)
-        (out / LAUNCHES_FILE).unlink(missing_ok=True)
+        for stale in ("summary.json", LAUNCHES_FILE, *(f.name for f in out.glob("bench_*.json"))):
+            (out / stale).unlink(missing_ok=True)  # an earlier run's records (e.g. bench_latency.json)
         (out / "bench_config.yaml").write_text(_config_text(cfg, processes))
     _record_launch(out, checkpoint)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))

@@ -172,10 +172,16 @@ def test_accuracy_cifar10_quick(bench_env, tmp_path):
     out = run_script("accuracy_vs_density.py", env, "--dataset", "cifar10", "--quick")
     data = json.loads((results / "accuracy_cifar10_quick.json").read_text())
     assert [r["method"] for r in data["runs"]] == ["dense", "static", "rigl", "chase", "srigl"]
-    config = (results / "runs" / "accuracy_cifar10_quick" / "chase_d0.1_s0" / "bench_config.yaml").read_text()
-    assert "dataset: parquet" in config and "channel_sparsity: 0.6" in config and "ranking: layer" in config
+    chase_dir = results / "runs" / "accuracy_cifar10_quick" / "chase_d0.1_s0"
+    config = (chase_dir / "bench_config.yaml").read_text()
+    assert "dataset: parquet" in config and "channel_sparsity: 0.6" in config
+    assert "ranking: layer" in config and "shrink: true" in config
     chase = next(r for r in data["runs"] if r["method"] == "chase")
     assert chase["latency_224px_vs_dense"] > 0  # the compacted model was timed against the dense one
+    # ... the dense one of its architecture, not the run's model/ (already the shrunk net); kept with the run
+    latency = json.loads((chase_dir / "bench_latency.json").read_text())
+    assert latency["compacted_params"] < 0.7 * latency["dense_params"]  # S_c 0.6 removed channels
+    assert latency["latency_vs_dense"] == chase["latency_224px_vs_dense"]
     assert all(r["wall_time_vs_dense"] > 0 for r in data["runs"])
     assert [row["method"] for row in data["table"]] == ["static", "rigl", "chase", "srigl"]
     assert all(Path(p).stat().st_size > 1000 for p in data["plots"]) and len(data["plots"]) == 3
