@@ -37,6 +37,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +269,55 @@ def summarise(runs: list[dict], methods: list[str], densities: list[float]) -> t
     return {"mean": mean, "std": std, "seeds": [r["seed"] for r in dense]}, table
 
 
+def method_pairs(runs: list[dict], methods: list[str], densities: list[float]) -> list[dict]:
+    """Every pair of ``methods`` at each density where both have runs: the difference of their mean test
+    top-1 (the method with the higher mean R_s minus the other) with Welch's test, and per density the
+    Spearman correlation of the methods' mean R_s with their mean top-1 (ITOP's claim: accuracy grows with
+    R_s) with its exact one-sided permutation p-value. Each pair is one of several tests: no correction."""
+    out = []
+    for d in densities:
+        cells = {
+            m: [r for r in runs if r["method"] == m and r["density"] == d]
+            for m in methods
+            if any(r["method"] == m and r["density"] == d for r in runs)
+        }
+        order = sorted(cells, key=lambda m: statistics.mean(r["itop_rate"] for r in cells[m]))
+        for i, low in enumerate(order):
+            for high in order[i + 1 :]:
+                test = welch_gap([r["test_top1"] for r in cells[high]], [r["test_top1"] for r in cells[low]])
+                out.append(
+                    {
+                        "density": d,
+                        "higher_rs": high,
+                        "lower_rs": low,
+                        "seeds": [len(cells[high]), len(cells[low])],
+                        **{k: test[k] for k in ("gap", "se", "t", "df", "beyond_noise")},
+                    }
+                )
+        if len(order) >= 3:
+            top1 = [statistics.mean(r["test_top1"] for r in cells[m]) for m in order]
+            rho, p = spearman_by_rank(top1)
+            out.append({"density": d, "rs_order": order, "spearman_rho": rho, "spearman_p_one_sided": p})
+    return out
+
+
+def spearman_by_rank(values: list[float]) -> tuple[float, float]:
+    """Spearman's rho of ``values`` against their positions 0..n-1 (tied values share their mean rank) and
+    its exact one-sided p-value: the fraction of the n! orderings with a rho at least as large."""
+    import itertools
+
+    positions = list(range(len(values)))
+
+    def rho(seq: list[float]) -> float:
+        ordered = sorted(seq)
+        ranks = [statistics.mean(i for i, w in enumerate(ordered) if w == v) for v in seq]
+        return statistics.correlation(ranks, positions) if len(set(seq)) > 1 else 0.0
+
+    observed = rho(values)
+    perms = list(itertools.permutations(values))
+    return observed, sum(rho(list(q)) >= observed - 1e-12 for q in perms) / len(perms)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -397,6 +447,7 @@ def main() -> None:
                 "itop_rate": summary.get("itop_rate", 1.0),
                 "wall_time_s": summary["wall_time_s"],
                 "total_steps": summary["total_steps"],
+                "num_threads": summary.get("num_threads"),  # absent in runs from before it was recorded
                 "itop_history": history,
             }
         )
@@ -416,9 +467,11 @@ def main() -> None:
             runs[-1]["itop_rate"],
             runs[-1]["wall_time_s"],
         )
+    threads = {r["num_threads"] for r in runs} - {None}
     results = {
         "benchmark": "accuracy_cifar10" if cifar else "accuracy_vs_density",
-        "machine": machine(),
+        # the threads the runs trained on (the CIFAR-10 protocol's run.num_threads), not this process's
+        "machine": machine() | ({"torch_threads": threads.pop()} if len(threads) == 1 else {}),
         "settings": vars(args),
         "command": "uv run python benchmarks/accuracy_vs_density.py"
         + (" --dataset cifar10" if cifar else "")
@@ -445,6 +498,7 @@ def main() -> None:
         "runs": runs,
     }
     results["dense_top1"], results["table"] = summarise(runs, methods, args.densities)
+    results["pairs"] = method_pairs(runs, args.methods, args.densities)  # the unstructured methods
     results["plots"] = plot(results, tag)
     path = write_json(f"{tag}.json", results)
     print(f"{len(runs)} of {len(plan)} runs finished")

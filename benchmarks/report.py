@@ -29,7 +29,7 @@ def _load(name: str) -> dict | None:
 
 def _machine(data: dict) -> str:
     m = data["machine"]
-    return f"*Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), timm {m['timm']}.*"
+    return f"*Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} thread{'s' if m['torch_threads'] != 1 else ''}), timm {m['timm']}.*"
 
 
 def _table(header: str, rows: list[str]) -> str:
@@ -188,7 +188,54 @@ def _accuracy(name: str) -> str:
                 else ""
             )
         )
-    return intro + "\n\n" + _table(header, rows) + "\n\n" + _machine(data)
+    return intro + "\n\n" + _table(header, rows) + _pairs(data) + "\n\n" + _machine(data) + _launch_cpus(data)
+
+
+def _pairs(data: dict) -> str:
+    """The pairwise comparisons of the unstructured methods at each density (higher R_s minus lower) and
+    whether their accuracy orders with R_s (Spearman), when the results hold them."""
+    if not data.get("pairs"):
+        return ""
+    rows, orders = [], []
+    for p in data["pairs"]:
+        if "rs_order" in p:
+            labels = " < ".join(METHOD_LABELS.get(m, m) for m in p["rs_order"])
+            orders.append(
+                f"density {p['density']}: R_s order {labels}; Spearman ρ of mean top-1 against it "
+                f"{p['spearman_rho']:+.2f} (exact one-sided p = {p['spearman_p_one_sided']:.3f})"
+            )
+            continue
+        verdict = {True: "**yes**", False: "no", None: "n/a (1 seed)"}[p["beyond_noise"]]
+        if p["t"] is not None:
+            verdict += f" (t = {p['t']:+.1f}, {p['df']:.1f} df)"
+        se = f" ± {p['se']:.2f}" if p["se"] is not None else ""
+        rows.append(
+            f"| {p['density']} | {METHOD_LABELS.get(p['higher_rs'], p['higher_rs'])} − "
+            f"{METHOD_LABELS.get(p['lower_rs'], p['lower_rs'])} | {p['seeds'][0]} / {p['seeds'][1]} | "
+            f"{p['gap']:+.2f}{se} | {verdict} |"
+        )
+    header = "| density | higher R_s − lower R_s | seeds | top-1 difference (± s.e.) | beyond seed noise? (Welch, 5 %) |"
+    text = "\n\nMethod against method, the one with the higher mean R_s first (each a test of its own, no multiple-comparison correction):\n\n"
+    return text + _table(header, rows) + "".join(f"\n\n{o}." for o in orders)
+
+
+def _launch_cpus(data: dict) -> str:
+    """Which CPUs the runs trained on, where their launches were recorded (runs continued in another
+    session may mix machines)."""
+    recorded = [r for r in data["runs"] if "cpus" in r]
+    if not recorded:
+        return ""
+    counts: dict[str, int] = {}
+    for r in recorded:
+        key = " + ".join(r["cpus"])
+        counts[key] = counts.get(key, 0) + 1
+    parts = ", ".join(f"{cpu} ({n} run{'s' if n > 1 else ''})" for cpu, n in counts.items())
+    unrecorded = len(data["runs"]) - len(recorded)
+    return f" *Runs trained on: {parts}" + (
+        f"; {unrecorded} earlier run{'s' if unrecorded > 1 else ''} without a record.*"
+        if unrecorded
+        else ".*"
+    )
 
 
 def accuracy() -> str:

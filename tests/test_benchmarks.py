@@ -262,6 +262,38 @@ def test_welch_gap_against_hand_computed_values():
     assert single["gap"] == -1.5 and single["beyond_noise"] is None and single["t"] is None
 
 
+def test_method_pairs_order_by_rs_with_welch_and_an_exact_spearman_p():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import accuracy_vs_density as avd
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rho, p = avd.spearman_by_rank([1.0, 2.0, 3.0, 4.0])
+    assert rho == pytest.approx(1.0) and p == pytest.approx(1 / 24)  # only the identity ordering
+    rho, p = avd.spearman_by_rank([4.0, 3.0, 2.0, 1.0])
+    assert rho == pytest.approx(-1.0) and p == 1.0
+    assert avd.spearman_by_rank([1.0, 3.0, 2.0])[0] == pytest.approx(0.5)  # 1 - 6*2/(3*8)
+    assert avd.spearman_by_rank([1.0, 1.0, 2.0])[0] == pytest.approx(3**0.5 / 2)  # ties: mean ranks
+
+    def run(method, top1, rs, seed):
+        return {"method": method, "density": 0.05, "seed": seed, "test_top1": top1, "itop_rate": rs}
+
+    runs = [run("static", 78 + 0.1 * s, 0.05, s) for s in range(3)]
+    runs += [run("rigl", 80 + 0.1 * s, 0.4, s) for s in range(3)]
+    runs += [run("unfired", 80.05 + 0.1 * s, 0.9, s) for s in range(3)]
+    pairs = avd.method_pairs(runs, ["unfired", "static", "rigl", "set"], [0.05, 0.1])
+    tests, (order,) = pairs[:3], pairs[3:]
+    assert [(t["higher_rs"], t["lower_rs"]) for t in tests] == [
+        ("rigl", "static"),
+        ("unfired", "static"),
+        ("unfired", "rigl"),
+    ]
+    assert tests[0]["gap"] == pytest.approx(2.0) and tests[0]["beyond_noise"] is True
+    assert tests[2]["gap"] == pytest.approx(0.05) and tests[2]["beyond_noise"] is False
+    assert order["rs_order"] == ["static", "rigl", "unfired"] and order["spearman_rho"] == pytest.approx(1.0)
+    assert order["spearman_p_one_sided"] == pytest.approx(1 / 6)
+
+
 def test_finished_run_is_found_from_a_moved_folder_and_only_for_its_own_config(tmp_path):
     common = _bench_common()
     out = tmp_path / "a" / "rigl_d0.1_s0"
