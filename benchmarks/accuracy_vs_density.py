@@ -19,15 +19,18 @@ The full protocol's finished runs (config, summary, metrics log) are committed u
 benchmarks/results/runs/accuracy_vs_density/, so ``--reuse-runs`` continues it from a fresh clone.
 
 CIFAR-10 (issue 26, BENCHMARKS §9): ``--dataset cifar10`` trains the protocol of
-``recipes/configs/cifar10_*.yaml`` (timm resnet18 at 32 px, cosine lr; dense from ``cifar10_dense.yaml``,
-the unstructured methods from ``cifar10_rigl_itop.yaml`` with the method and density replaced, Chase and
-SRigL from their own files at the highest density) on the Hub-layout parquet folder in
-``ITOP_TIMM_CIFAR10_DIR`` (default ``../shared/data/cifar10``). It adds each run's wall time over the
-dense run of the same seed (every run on one thread), and for Chase the compacted model's CPU latency
-over its full architecture's at 224 px (batch 1), to the table, and plots accuracy vs R_s. Runs go to results/runs/accuracy_cifar10/
-(committed as above).
+``recipes/configs/cifar10_*.yaml`` (timm resnet18 at half width on 48 px inputs, cosine lr; dense from
+``cifar10_dense.yaml``, the unstructured methods from ``cifar10_rigl_itop.yaml`` with the method and
+density replaced, Chase and SRigL from their own files at the highest density) on the Hub-layout parquet
+folder in ``ITOP_TIMM_CIFAR10_DIR`` (default ``../shared/data/cifar10``). It adds each run's wall time
+over the dense run of the same seed (every run on one thread), and for Chase the compacted model's CPU
+latency over the dense build of its architecture at 224 px (batch 1), to the table; tests every pair of
+unstructured methods at each density (Welch) and the order of accuracy with R_s (Spearman); and plots
+accuracy vs R_s. Runs go to results/runs/accuracy_cifar10/ (committed as above). ``--shard K/N`` splits
+the plan between N copies of the script, one per core (`make bench-cifar10`):
 
-    taskset -c 0 uv run python benchmarks/accuracy_vs_density.py --dataset cifar10 --reuse-runs  # ~24 h
+    taskset -c 0 uv run python benchmarks/accuracy_vs_density.py --dataset cifar10 --reuse-runs --shard 0/2 &
+    taskset -c 1 uv run python benchmarks/accuracy_vs_density.py --dataset cifar10 --reuse-runs --shard 1/2
     uv run python benchmarks/accuracy_vs_density.py --dataset cifar10 --summarize     # table so far
 """
 
@@ -318,6 +321,16 @@ def spearman_by_rank(values: list[float]) -> tuple[float, float]:
     return observed, sum(rho(list(q)) >= observed - 1e-12 for q in perms) / len(perms)
 
 
+def parse_shard(parser: argparse.ArgumentParser, text: str | None) -> tuple[int, int] | None:
+    """``"K/N"`` -> (K, N) with 0 <= K < N; None for None; a parser error naming the value otherwise."""
+    if text is None:
+        return None
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
+        parser.error(f"--shard {text!r}: expected K/N with 0 <= K < N, e.g. 0/2 and 1/2 for two copies")
+    return int(k), int(n)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -366,7 +379,14 @@ def main() -> None:
         help="train nothing: tabulate the finished runs (as --reuse-runs would reuse them) of a protocol "
         "still under way, marked incomplete in the JSON and in BENCHMARKS.md",
     )
+    parser.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="train only the plan's runs K, K+N, K+2N, ... (0-based; N copies with K = 0..N-1, each pinned to a "
+        "core of its own, share a protocol without overlap); the other runs are only read back if finished",
+    )
     args = parser.parse_args()
+    shard = parse_shard(parser, args.shard)
     cifar = args.dataset == "cifar10"
     if args.densities is None:
         args.densities = [0.1, 0.05] if cifar else [0.1, 0.05, 0.02]
@@ -428,7 +448,8 @@ def main() -> None:
                 update_interval=args.update_interval,
                 eval_samples=args.eval_samples or None,
             )
-        summary = finished_run(cfg) if args.summarize else run_recipe(cfg, reuse=args.reuse_runs)
+        train = not args.summarize and (shard is None or (i - 1) % shard[1] == shard[0])
+        summary = run_recipe(cfg, reuse=args.reuse_runs) if train else finished_run(cfg)
         if summary is None:
             continue
         history = [{"step": 0, "itop_rate": summary.get("density", 1.0)}] + [

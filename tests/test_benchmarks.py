@@ -3,6 +3,7 @@ results redirected to a temporary folder). Timings are never asserted here."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -119,6 +120,11 @@ def test_accuracy_vs_density_quick(bench_env):
     # an interrupted sweep resumes: finished runs are read back, only the unfinished one is trained again
     unfinished = results / "runs" / "accuracy_vs_density_quick" / "rigl_d0.1_s0" / "summary.json"
     unfinished.unlink()
+    # the plan's runs 1, 3, ... belong to shard 1/2 (static): the unfinished RigL run (run 2) is left alone
+    log = run_script("accuracy_vs_density.py", env, "--quick", "--reuse-runs", "--shard", "1/2")
+    assert log.count("reusing the finished run") == 1 and not unfinished.exists()
+    sharded = json.loads((results / "accuracy_vs_density_quick.json").read_text())
+    assert [r["method"] for r in sharded["runs"]] == ["dense", "static"] and sharded["complete"] is False
     log = run_script("accuracy_vs_density.py", env, "--quick", "--reuse-runs")
     again = json.loads((results / "accuracy_vs_density_quick.json").read_text())
     assert log.count("reusing the finished run") == len(data["runs"]) - 1
@@ -262,12 +268,18 @@ def test_welch_gap_against_hand_computed_values():
     assert single["gap"] == -1.5 and single["beyond_noise"] is None and single["t"] is None
 
 
-def test_method_pairs_order_by_rs_with_welch_and_an_exact_spearman_p():
+def test_shards_method_pairs_and_the_exact_spearman_p():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import accuracy_vs_density as avd
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    parser = argparse.ArgumentParser()
+    assert avd.parse_shard(parser, None) is None and avd.parse_shard(parser, "1/2") == (1, 2)
+    for bad in ("2/2", "1", "a/2", "-1/2", "1/0"):
+        with pytest.raises(SystemExit):
+            avd.parse_shard(parser, bad)
+
     rho, p = avd.spearman_by_rank([1.0, 2.0, 3.0, 4.0])
     assert rho == pytest.approx(1.0) and p == pytest.approx(1 / 24)  # only the identity ordering
     rho, p = avd.spearman_by_rank([4.0, 3.0, 2.0, 1.0])
