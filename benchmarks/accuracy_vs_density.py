@@ -263,6 +263,15 @@ def summarise(runs: list[dict], methods: list[str], densities: list[float]) -> t
                     "wall_time_vs_dense_std": mean_std([r["wall_time_vs_dense"] for r in sel])[1],
                 }
             )
+            kernels = [r["kernel_layers"] for r in sel if "kernel_layers" in r]
+            if (
+                kernels
+            ):  # the range over seeds of the layers the CPU kernels computed, and of all sparse layers
+                table[-1]["kernel_layers_range"] = [
+                    min(k[0] for k in kernels),
+                    max(k[0] for k in kernels),
+                    kernels[0][1],
+                ]
             latencies = [r["latency_224px_vs_dense"] for r in sel if "latency_224px_vs_dense" in r]
             if latencies:
                 table[-1]["latency_224px_vs_dense_mean"], table[-1]["latency_224px_vs_dense_std"] = mean_std(
@@ -472,6 +481,12 @@ def main() -> None:
                 "itop_history": history,
             }
         )
+        if "compute" in summary:  # which layers the CPU kernels computed (absent before it was recorded)
+            compute = summary["compute"]
+            runs[-1]["kernel_layers"] = [
+                len(compute["sparse_layers"]),
+                len(compute["sparse_layers"]) + len(compute["dense_layers"]),
+            ]
         if "launches" in summary:  # absent from runs finished before launches were recorded
             runs[-1]["launches"] = len(summary["launches"])
             runs[-1]["cpus"] = sorted({launch["cpu"] for launch in summary["launches"]})

@@ -183,6 +183,17 @@ def _accuracy(name: str) -> str:
                     if "latency_224px_vs_dense_mean" in r
                     else ""
                 )
+                + (
+                    " (kernels: {}{}/{} layers)".format(
+                        r["kernel_layers_range"][0],
+                        f"–{r['kernel_layers_range'][1]}"
+                        if r["kernel_layers_range"][1] != r["kernel_layers_range"][0]
+                        else "",
+                        r["kernel_layers_range"][2],
+                    )
+                    if "kernel_layers_range" in r
+                    else ""
+                )
                 + " |"
                 if timed
                 else ""

@@ -187,6 +187,13 @@ class Sparsifier:
         return bool(self._handles)
 
     @property
+    def compute_plan(self) -> dict[str, Any] | None:
+        """With ``compute="sparse" | "auto"``: the mode, the per-layer ``plan`` (``"sparse"``: the CPU
+        kernels compute it; ``"dense"``: ``auto`` timed it slower; absent: not timed yet) and the layers
+        the kernels cannot compute (``unsupported``, with the reason). None with masked compute."""
+        return None if self._compute is None else self._compute.describe()
+
+    @property
     def compile_hook(self) -> bool:
         """Whether re-masking runs as a ``torch.compile``-d kernel per layer."""
         return self._masking.compiled

@@ -189,6 +189,9 @@ def test_accuracy_cifar10_quick(bench_env, tmp_path):
     assert latency["compacted_params"] < 0.7 * latency["dense_params"]  # S_c 0.6 removed channels
     assert latency["latency_vs_dense"] == chase["latency_224px_vs_dense"]
     assert all(r["wall_time_vs_dense"] > 0 for r in data["runs"])
+    # compute: auto in every sparse run: the summary says which layers the CPU kernels computed
+    assert all(0 <= r["kernel_layers"][0] <= r["kernel_layers"][1] > 0 for r in data["runs"][1:])
+    assert "kernel_layers" not in data["runs"][0]  # dense
     assert [row["method"] for row in data["table"]] == ["static", "rigl", "chase", "srigl"]
     assert all(Path(p).stat().st_size > 1000 for p in data["plots"]) and len(data["plots"]) == 3
     assert "time/dense" in out

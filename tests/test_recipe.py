@@ -338,6 +338,11 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_data, tmp_path, log_inte
     loss_a = [(r["step"], r["loss"]) for r in records(tmp_path / "whole", "train")]
     loss_b = [(r["step"], r["loss"]) for r in records(tmp_path / "killed", "train")]
     assert loss_a == loss_b  # the log was cut back to the checkpoint and continued identically
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    if compute == "sparse":  # every sparse layer computed by the kernels, the plan restored on resume
+        assert summary["compute"] == {"mode": "sparse", "sparse_layers": sorted(masks_a), "dense_layers": []}
+    else:
+        assert "compute" not in summary
     assert [step for step, _ in loss_a] == [s for s in range(1, 19) if s % log_interval == 0 or s == 18]
 
 

@@ -237,6 +237,7 @@ def test_auto_times_each_layer_once_logs_it_and_keeps_the_plan_in_the_state(capl
         train(model, optimizer, 2)
     plan = sp.state_dict()["compute_plan"]
     assert set(plan) == set(sp._compute.layers) and set(plan.values()) <= {"sparse", "dense"}
+    assert sp.compute_plan["mode"] == "auto" and sp.compute_plan["plan"] == plan  # the public view
     timed = [r.getMessage() for r in caplog.records if "compute='auto'" in r.getMessage()]
     assert len(timed) == len(plan)  # one decision per layer, at its first training input
 
@@ -290,6 +291,9 @@ def fresh(name="efficientnet_b0"):
 
 def test_unknown_compute_value_is_refused_naming_the_allowed_ones():
     model, optimizer = fresh("resnet10t")
+    masked = itop_timm.sparsify(model, optimizer, method="set", total_steps=10)
+    assert masked.compute_plan is None
+    masked.remove()
     with pytest.raises(ValueError, match=r"compute must be 'masked', 'sparse' or 'auto', got 'dense'"):
         itop_timm.sparsify(model, optimizer, method="set", total_steps=10, compute="dense")
 
@@ -307,7 +311,7 @@ def test_sparse_with_an_unsupported_layer_is_refused_naming_it_before_any_change
 def test_auto_keeps_unsupported_layers_dense_and_lists_them():
     model, optimizer = fresh("efficientnet_b0")
     sp = itop_timm.sparsify(model, optimizer, method="set", total_steps=10, compute="auto")
-    unsupported = sp._compute.describe()["unsupported"]
+    unsupported = sp.compute_plan["unsupported"]
     assert (
         "blocks.1.0.conv_dw.weight" in unsupported and "grouped" in unsupported["blocks.1.0.conv_dw.weight"]
     )

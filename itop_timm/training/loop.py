@@ -502,4 +502,12 @@ class TrainingRun:
                 "itop_rate": self.sparsifier.itop_rate,
                 "target_density": cfg.sparsity.density,
             }
+            if (plan := self.sparsifier.compute_plan) is not None:  # which layers the CPU kernels computed
+                summary["compute"] = {
+                    "mode": plan["mode"],
+                    "sparse_layers": sorted(n for n, c in plan["plan"].items() if c == "sparse"),
+                    "dense_layers": sorted(
+                        {n for n, c in plan["plan"].items() if c != "sparse"} | set(plan["unsupported"])
+                    ),
+                }
         return summary
