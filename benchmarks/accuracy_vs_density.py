@@ -201,6 +201,7 @@ def plot(results: dict, out_prefix: str) -> list[str]:
     paths.append(str(save_figure(fig, RESULTS / f"{out_prefix}_itop_rate.png")))
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    colours = {m: f"C{i}" for i, m in enumerate(results["methods"])}  # a method's colour; a density's marker
     for i, d in enumerate(sorted(results["densities"], reverse=True)):
         rows = [row for row in results["table"] if row["density"] == d]
         for row in rows:
@@ -210,13 +211,14 @@ def plot(results: dict, out_prefix: str) -> list[str]:
                 xerr=row["itop_rate_std"],
                 yerr=row["top1_std"],
                 marker="os^v"[i % 4],
+                color=colours[row["method"]],
                 capsize=3,
                 linestyle="none",
                 label=f"{METHOD_LABELS.get(row['method'], row['method'])}, d={d}",
             )
     ax.set_xlabel("R_s (fraction of weights ever active)")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"{title}, timm resnet18: accuracy vs R_s (mean ± std over seeds)")
+    ax.set_title(f"{title}, timm resnet18: accuracy vs R_s\n(mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     paths.append(str(save_figure(fig, RESULTS / f"{out_prefix}_vs_itop_rate.png")))

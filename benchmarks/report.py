@@ -178,28 +178,25 @@ def _accuracy(name: str) -> str:
             f"{verdict} | {_mean_std(r['itop_rate_mean'], r['itop_rate_std'], len(r['seeds']), 3)} |"
             + (
                 f" {_mean_std(r['wall_time_vs_dense_mean'], r['wall_time_vs_dense_std'], len(r['seeds']), 2)}"
-                + (
-                    f" (compacted 224 px latency {r['latency_224px_vs_dense_mean']:.2f}× dense)"
-                    if "latency_224px_vs_dense_mean" in r
-                    else ""
-                )
-                + (
-                    " (kernels: {}{}/{} layers)".format(
-                        r["kernel_layers_range"][0],
-                        f"–{r['kernel_layers_range'][1]}"
-                        if r["kernel_layers_range"][1] != r["kernel_layers_range"][0]
-                        else "",
-                        r["kernel_layers_range"][2],
-                    )
-                    if "kernel_layers_range" in r
-                    else ""
-                )
+                + _time_notes(r)
                 + " |"
                 if timed
                 else ""
             )
         )
     return intro + "\n\n" + _table(header, rows) + _pairs(data) + "\n\n" + _machine(data) + _launch_cpus(data)
+
+
+def _time_notes(row: dict) -> str:
+    """The wall-time cell's notes: Chase's compacted latency, and how many of the sparse layers the CPU
+    kernels computed (the range over seeds), where the results hold them."""
+    notes = []
+    if "latency_224px_vs_dense_mean" in row:
+        notes.append(f"compacted 224 px latency {row['latency_224px_vs_dense_mean']:.2f}× dense")
+    if "kernel_layers_range" in row:
+        low, high, total = row["kernel_layers_range"]
+        notes.append(f"kernels in {low}{f'–{high}' if high != low else ''} of {total} layers")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def _pairs(data: dict) -> str:
