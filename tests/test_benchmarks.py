@@ -309,6 +309,51 @@ def test_shards_method_pairs_and_the_exact_spearman_p():
     assert order["spearman_p_one_sided"] == pytest.approx(1 / 6)
 
 
+def test_the_cifar10_table_renders_pairs_kernels_latency_and_cpus(tmp_path, monkeypatch):
+    """report.py's §9 block from a results file shaped as accuracy_vs_density.py writes it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import accuracy_vs_density as avd
+        import report
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def run(method, density, seed, top1, rs, **extra):
+        return {"method": method, "density": density, "seed": seed, "test_top1": top1, "itop_rate": rs,
+                "wall_time_s": 1000.0 if method == "dense" else 700.0 + seed, "itop_history": [], **extra}  # fmt: skip
+
+    runs = [run("dense", 1.0, s, 82.5 + 0.1 * s, 1.0) for s in range(3)]
+    runs += [run("static", 0.05, s, 78.9 + 0.1 * s, 0.05, kernel_layers=[14 + s % 2, 22]) for s in range(3)]
+    runs += [
+        run("rigl", 0.05, s, 79.9 + 0.1 * s, 0.3, kernel_layers=[16, 22], cpus=["AMD EPYC"]) for s in range(3)
+    ]
+    runs += [run("chase", 0.1, 0, 79.9, 0.46, latency_224px_vs_dense=0.73)]
+    methods, densities = ["static", "rigl", "chase"], [0.1, 0.05]
+    data = {
+        "machine": {"cpu": "AMD EPYC", "cores": 2, "torch": "2.x", "torch_threads": 1, "timm": "1.x"},
+        "settings": {"dataset": "cifar10", "train_samples": 0, "epochs": None, "update_interval": None, "seeds": [0, 1, 2]},
+        "command": "uv run python benchmarks/accuracy_vs_density.py --dataset cifar10 --reuse-runs",
+        "runs": runs,
+        "runs_planned": 10,
+        "complete": True,
+    }  # fmt: skip
+    data["dense_top1"], data["table"] = avd.summarise(runs, methods, densities)
+    data["pairs"] = avd.method_pairs(runs, ["static", "rigl"], densities)
+    (tmp_path / "accuracy_cifar10.json").write_text(json.dumps(data))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    text = report.accuracy_cifar10()
+
+    assert "Dense: **82.60 ± 0.10** (R_s 1, 3 seeds)" in text
+    assert "| Static | 0.05 | 3 | 79.00 ± 0.10 |" in text and "(kernels in 14–15 of 22 layers)" in text
+    assert "| RigL | 0.05 | 3 | 80.00 ± 0.10 | -2.60 ± 0.08 | **yes**" in text
+    assert "| 0.70 ± 0.00 (kernels in 16 of 22 layers) |" in text  # (700 + seed) / 1000
+    assert "0.70 (compacted 224 px latency 0.73× dense) |" in text
+    assert "| 0.05 | RigL − Static | 3 / 3 | +1.00 ± 0.08 | **yes** (t = +12.2, 4.0 df) |" in text
+    assert "density 0.05: R_s order Static < RigL; " not in text  # two methods: no Spearman line
+    assert "*Runs trained on: AMD EPYC (3 runs); 7 earlier runs without a record.*" in text
+    assert "(1 thread)" in text
+
+
 def test_finished_run_is_found_from_a_moved_folder_and_only_for_its_own_config(tmp_path):
     common = _bench_common()
     out = tmp_path / "a" / "rigl_d0.1_s0"
