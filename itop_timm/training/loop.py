@@ -503,11 +503,12 @@ class TrainingRun:
                 "target_density": cfg.sparsity.density,
             }
             if (plan := self.sparsifier.compute_plan) is not None:  # which layers the CPU kernels computed
+                kernels = {n for n, c in plan["plan"].items() if c == "sparse"}
                 summary["compute"] = {
                     "mode": plan["mode"],
-                    "sparse_layers": sorted(n for n, c in plan["plan"].items() if c == "sparse"),
+                    "sparse_layers": sorted(kernels),
                     "dense_layers": sorted(
-                        {n for n, c in plan["plan"].items() if c != "sparse"} | set(plan["unsupported"])
-                    ),
+                        set(self.sparsifier.masks) - kernels
+                    ),  # timed slower, or unsupported
                 }
         return summary
