@@ -347,6 +347,7 @@ def test_auto_without_a_compiler_falls_back_to_masked_with_one_warning(no_compil
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "no-such-compiler-xyz" in warnings[0].getMessage()
     assert not sp._compute.layers and not any("forward" in vars(m) for m in model.modules())
+    assert sp.compute_plan == {"mode": "auto", "plan": {}, "unsupported": {}}  # no layer on the kernels
 
 
 def test_a_bad_compute_plan_in_a_state_is_refused_before_anything_changes():
