@@ -183,12 +183,17 @@ def finished_run(cfg: dict[str, Any], *, processes: int = 1) -> dict[str, Any] |
     """The summary (plus metrics log) of the finished run in ``cfg``'s output folder whose saved config
     (and process count) equals ``cfg``'s, or None when there is none."""
     out = Path(cfg["run"]["output_dir"])
-    config_path, summary_path = out / "bench_config.yaml", out / "summary.json"
-    if not (summary_path.exists() and config_path.exists()):
-        return None
-    if _without_output_dir(config_path.read_text()) != _without_output_dir(_config_text(cfg, processes)):
+    if not ((out / "summary.json").exists() and _same_config(out, cfg, processes)):
         return None
     return _read_run(out)
+
+
+def _same_config(out: Path, cfg: dict[str, Any], processes: int) -> bool:
+    """Whether the run folder ``out`` was trained with ``cfg`` (and ``processes``), wherever it now lies."""
+    config_path = out / "bench_config.yaml"
+    return config_path.exists() and _without_output_dir(config_path.read_text()) == _without_output_dir(
+        _config_text(cfg, processes)
+    )
 
 
 def run_recipe(
@@ -260,10 +265,7 @@ def _interrupted_run_checkpoint(cfg: dict[str, Any], processes: int) -> Path | N
     from itop_timm.training.checkpointing import checkpoint_dir, latest_checkpoint
 
     out = Path(cfg["run"]["output_dir"])
-    config_path = out / "bench_config.yaml"
-    if (out / "summary.json").exists() or not config_path.exists():
-        return None
-    if _without_output_dir(config_path.read_text()) != _without_output_dir(_config_text(cfg, processes)):
+    if (out / "summary.json").exists() or not _same_config(out, cfg, processes):
         return None
     return latest_checkpoint(checkpoint_dir(out))
 

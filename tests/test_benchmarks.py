@@ -250,17 +250,19 @@ def test_fsdp_quick(bench_env):
     assert "sparsifier step overhead under FSDP" in out
 
 
-def _bench_common():
+def _bench_module(name: str = "_common"):
+    """A module of benchmarks/ (the scripts import each other by plain name)."""
+    import importlib
+
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import _common
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    return _common
 
 
 def test_welch_gap_against_hand_computed_values():
-    welch_gap = _bench_common().welch_gap
+    welch_gap = _bench_module().welch_gap
     # equal variances 1, n = 3 a side: s.e. = sqrt(2/3), df = 4 exactly, Student's 0.975 quantile 2.776
     far = welch_gap([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
     assert far["gap"] == -3.0 and abs(far["se"] - (2 / 3) ** 0.5) < 1e-12 and abs(far["df"] - 4.0) < 1e-12
@@ -272,11 +274,7 @@ def test_welch_gap_against_hand_computed_values():
 
 
 def test_shards_method_pairs_and_the_exact_spearman_p():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import accuracy_vs_density as avd
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    avd = _bench_module("accuracy_vs_density")
     parser = argparse.ArgumentParser()
     assert avd.parse_shard(parser, None) is None and avd.parse_shard(parser, "1/2") == (1, 2)
     for bad in ("2/2", "1", "a/2", "-1/2", "1/0"):
@@ -311,12 +309,7 @@ def test_shards_method_pairs_and_the_exact_spearman_p():
 
 def test_the_cifar10_table_renders_pairs_kernels_latency_and_cpus(tmp_path, monkeypatch):
     """report.py's §9 block from a results file shaped as accuracy_vs_density.py writes it."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import accuracy_vs_density as avd
-        import report
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    avd, report = _bench_module("accuracy_vs_density"), _bench_module("report")
 
     def run(method, density, seed, top1, rs, **extra):
         return {"method": method, "density": density, "seed": seed, "test_top1": top1, "itop_rate": rs,
@@ -355,7 +348,7 @@ def test_the_cifar10_table_renders_pairs_kernels_latency_and_cpus(tmp_path, monk
 
 
 def test_finished_run_is_found_from_a_moved_folder_and_only_for_its_own_config(tmp_path):
-    common = _bench_common()
+    common = _bench_module()
     out = tmp_path / "a" / "rigl_d0.1_s0"
     cfg = common.fashion_mnist_config(out, epochs=1, train_samples=None, seed=0, method="rigl", density=0.1)
     out.mkdir(parents=True)
@@ -386,7 +379,7 @@ def test_an_interrupted_run_continues_from_its_latest_checkpoint(bench_env, tmp_
     the recipe's --run.resume) and ends as the uninterrupted run does; each launch is recorded."""
     env, _ = bench_env
     monkeypatch.setenv("ITOP_TIMM_FASHION_MNIST_DIR", env["ITOP_TIMM_FASHION_MNIST_DIR"])
-    common = _bench_common()
+    common = _bench_module()
     out = tmp_path / "rigl_d0.1_s0"
     cfg = common.fashion_mnist_config(
         out,
