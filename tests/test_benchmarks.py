@@ -4,6 +4,7 @@ results redirected to a temporary folder). Timings are never asserted here."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -252,8 +253,6 @@ def test_fsdp_quick(bench_env):
 
 def _bench_module(name: str = "_common"):
     """A module of benchmarks/ (the scripts import each other by plain name)."""
-    import importlib
-
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         return importlib.import_module(name)
