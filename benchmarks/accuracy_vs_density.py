@@ -65,7 +65,11 @@ from _common import (
 from itop_timm.plots import pyplot, save_figure
 from itop_timm.serialization import atomic_write_text
 
-DATASET_TITLES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
+#: each protocol's plot title: its data set and network
+DATASET_TITLES = {
+    "fashion_mnist": "Fashion-MNIST, timm resnet18",
+    "cifar10": "CIFAR-10, timm resnet18 at half width, 48 px",
+}
 #: the methods with a protocol file of their own (recipes/configs/cifar10_<method>.yaml); the others
 #: take cifar10_rigl_itop.yaml's sparsity section with their method and density
 CIFAR10_OWN_CONFIGS = ("dense", "chase", "srigl")
@@ -175,7 +179,7 @@ def plot(results: dict, out_prefix: str) -> list[str]:
     ax.set_xticklabels([str(d) for d in sorted(results["densities"])])
     ax.set_xlabel("density (fraction of conv/linear weights kept)")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"{title}, timm resnet18: accuracy vs density")
+    ax.set_title(f"{title}:\naccuracy vs density")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     paths.append(str(save_figure(fig, RESULTS / f"{out_prefix}_accuracy.png")))
@@ -200,7 +204,7 @@ def plot(results: dict, out_prefix: str) -> list[str]:
     ax.legend(fontsize=8)
     paths.append(str(save_figure(fig, RESULTS / f"{out_prefix}_itop_rate.png")))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))  # wider: the legend sits beside the axes, off the points
     colours = {m: f"C{i}" for i, m in enumerate(results["methods"])}  # a method's colour; a density's marker
     for i, d in enumerate(sorted(results["densities"], reverse=True)):
         rows = [row for row in results["table"] if row["density"] == d]
@@ -218,9 +222,9 @@ def plot(results: dict, out_prefix: str) -> list[str]:
             )
     ax.set_xlabel("R_s (fraction of weights ever active)")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"{title}, timm resnet18: accuracy vs R_s\n(mean ± std over seeds)")
+    ax.set_title(f"{title}:\naccuracy vs R_s (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     paths.append(str(save_figure(fig, RESULTS / f"{out_prefix}_vs_itop_rate.png")))
     return paths
 
