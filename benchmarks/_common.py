@@ -314,8 +314,40 @@ def welch_gap(sample: list[float], reference: list[float]) -> dict[str, Any]:
         return {"gap": gap, "se": 0.0, "t": None, "df": None, "beyond_noise": gap != 0.0}
     df = (va + vb) ** 2 / (va**2 / (len(sample) - 1) + vb**2 / (len(reference) - 1))
     t = gap / se
+    return {"gap": gap, "se": se, "t": t, "df": df, "beyond_noise": _beyond_5_percent(t, df)}
+
+
+def paired_gap(sample: dict[int, float], reference: dict[int, float]) -> dict[str, Any]:
+    """Whether ``sample`` and ``reference``, keyed by seed, differ beyond seed noise when each seed is
+    compared with itself: the paired two-sided t-test at 5 % on the differences over the seeds both have.
+
+    Right where a seed fixes what the two runs share (initial weights, initial mask, data order), so a
+    seed that is good or bad for both cancels. Returns ``seeds`` (how many are paired), the mean difference
+    ``gap``, its standard error ``se`` (std of the differences / sqrt(n)), ``t``, ``df`` (n - 1) and
+    ``beyond_noise``; with fewer than 2 shared seeds ``se``, ``t``, ``df`` and ``beyond_noise`` are None."""
+    seeds = sorted(sample.keys() & reference.keys())
+    differences = [sample[s] - reference[s] for s in seeds]
+    gap = statistics.mean(differences) if differences else None
+    if len(differences) < 2:
+        return {"seeds": len(seeds), "gap": gap, "se": None, "t": None, "df": None, "beyond_noise": None}
+    se = statistics.stdev(differences) / len(differences) ** 0.5
+    if se == 0.0:
+        return {"seeds": len(seeds), "gap": gap, "se": 0.0, "t": None, "df": None, "beyond_noise": gap != 0.0}
+    t, df = gap / se, len(differences) - 1
+    return {
+        "seeds": len(seeds),
+        "gap": gap,
+        "se": se,
+        "t": t,
+        "df": df,
+        "beyond_noise": _beyond_5_percent(t, df),
+    }
+
+
+def _beyond_5_percent(t: float, df: float) -> bool:
+    """|t| above Student's two-sided 5 % critical value at ``floor(df)`` degrees of freedom."""
     critical = _T_975[int(df) - 1] if int(df) <= len(_T_975) else 1.96
-    return {"gap": gap, "se": se, "t": t, "df": df, "beyond_noise": abs(t) > critical}
+    return abs(t) > critical
 
 
 def aggregate_seeds(rows: list[dict[str, Any]], key: str = "model") -> list[dict[str, Any]]:

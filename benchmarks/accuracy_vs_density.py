@@ -57,6 +57,7 @@ from _common import (
     latency,
     machine,
     mean_std,
+    paired_gap,
     run_recipe,
     welch_gap,
     write_json,
@@ -289,7 +290,8 @@ def summarise(runs: list[dict], methods: list[str], densities: list[float]) -> t
 
 def method_pairs(runs: list[dict], methods: list[str], densities: list[float]) -> list[dict]:
     """Every pair of ``methods`` at each density where both have runs: the difference of their mean test
-    top-1 (the method with the higher mean R_s minus the other) with Welch's test, and per density the
+    top-1 (the method with the higher mean R_s minus the other) with Welch's test and, under ``paired``, the
+    paired t-test over the seeds both ran (a seed fixes their initial weights, mask and data order), and per density the
     Spearman correlation of the methods' mean R_s with their mean top-1 (ITOP's claim: accuracy grows with
     R_s) with its exact one-sided permutation p-value. Each pair is one of several tests: no correction."""
     out = []
@@ -303,6 +305,10 @@ def method_pairs(runs: list[dict], methods: list[str], densities: list[float]) -
         for i, low in enumerate(order):
             for high in order[i + 1 :]:
                 test = welch_gap([r["test_top1"] for r in cells[high]], [r["test_top1"] for r in cells[low]])
+                paired = paired_gap(
+                    {r["seed"]: r["test_top1"] for r in cells[high]},
+                    {r["seed"]: r["test_top1"] for r in cells[low]},
+                )
                 out.append(
                     {
                         "density": d,
@@ -310,6 +316,7 @@ def method_pairs(runs: list[dict], methods: list[str], densities: list[float]) -
                         "lower_rs": low,
                         "seeds": [len(cells[high]), len(cells[low])],
                         **{k: test[k] for k in ("gap", "se", "t", "df", "beyond_noise")},
+                        "paired": paired,
                     }
                 )
         if len(order) >= 3:

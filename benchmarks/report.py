@@ -220,11 +220,26 @@ def _pairs(data: dict) -> str:
         rows.append(
             f"| {p['density']} | {METHOD_LABELS.get(p['higher_rs'], p['higher_rs'])} − "
             f"{METHOD_LABELS.get(p['lower_rs'], p['lower_rs'])} | {p['seeds'][0]} / {p['seeds'][1]} | "
-            f"{p['gap']:+.2f}{se} | {verdict} |"
+            f"{p['gap']:+.2f}{se} | {verdict} | {_paired(p.get('paired'))} |"
         )
-    header = "| density | higher R_s − lower R_s | seeds | top-1 difference (± s.e.) | beyond seed noise? (Welch, 5 %) |"
+    header = (
+        "| density | higher R_s − lower R_s | seeds | top-1 difference (± s.e.) | beyond seed noise? (Welch, 5 %) "
+        "| paired by seed: difference ± s.e., beyond noise? (paired t, 5 %) |"
+    )
     text = "\n\nMethod against method, the one with the higher mean R_s first (each a test of its own, no multiple-comparison correction):\n\n"
     return text + _table(header, rows) + "".join(f"\n\n{o}." for o in orders)
+
+
+def _paired(test: dict | None) -> str:
+    """One pair's paired-by-seed verdict (absent from results written before it was computed)."""
+    if test is None:
+        return "n/a"
+    if test["beyond_noise"] is None:
+        return f"n/a ({test['seeds']} shared seed{'s' if test['seeds'] != 1 else ''})"
+    verdict = "**yes**" if test["beyond_noise"] else "no"
+    if test["t"] is not None:
+        verdict += f" (t = {test['t']:+.1f}, {test['df']} df)"
+    return f"{test['gap']:+.2f} ± {test['se']:.2f}: {verdict}"
 
 
 def _launch_cpus(data: dict) -> str:

@@ -272,6 +272,21 @@ def test_welch_gap_against_hand_computed_values():
     assert single["gap"] == -1.5 and single["beyond_noise"] is None and single["t"] is None
 
 
+def test_paired_gap_against_hand_computed_values():
+    paired_gap = _bench_module().paired_gap
+    # differences 1, 2, 3 (seed 3 has no partner): mean 2, std 1, s.e. 1/sqrt(3), t 3.46 < 4.303 at 2 df
+    near = paired_gap({0: 2.0, 1: 4.0, 2: 6.0, 3: 9.0}, {0: 1.0, 1: 2.0, 2: 3.0})
+    assert near["seeds"] == 3 and near["gap"] == 2.0 and near["df"] == 2
+    assert near["se"] == pytest.approx(3**-0.5) and near["t"] == pytest.approx(2 * 3**0.5)
+    assert near["beyond_noise"] is False
+    # the same means, each seed shifted alike: Welch sees the seeds' spread, the pairing cancels it
+    far = paired_gap({0: 11.0, 1: 21.0, 2: 31.5}, {0: 10.0, 1: 20.0, 2: 30.0})  # differences 1, 1, 1.5
+    assert far["t"] == pytest.approx((7 / 6) / ((1 / 12) ** 0.5 / 3**0.5)) and far["beyond_noise"] is True
+    assert _bench_module().welch_gap([11.0, 21.0, 31.5], [10.0, 20.0, 30.0])["beyond_noise"] is False
+    alone = paired_gap({0: 80.0, 1: 81.0}, {1: 79.0, 2: 78.0})
+    assert alone == {"seeds": 1, "gap": 2.0, "se": None, "t": None, "df": None, "beyond_noise": None}
+
+
 def test_shards_method_pairs_and_the_exact_spearman_p():
     avd = _bench_module("accuracy_vs_density")
     parser = argparse.ArgumentParser()
@@ -302,6 +317,9 @@ def test_shards_method_pairs_and_the_exact_spearman_p():
     ]
     assert tests[0]["gap"] == pytest.approx(2.0) and tests[0]["beyond_noise"] is True
     assert tests[2]["gap"] == pytest.approx(0.05) and tests[2]["beyond_noise"] is False
+    # each seed 0.05 apart: paired by seed, that constant difference is beyond noise
+    assert tests[2]["paired"]["seeds"] == 3 and tests[2]["paired"]["gap"] == pytest.approx(0.05)
+    assert tests[2]["paired"]["beyond_noise"] is True
     assert order["rs_order"] == ["static", "rigl", "unfired"] and order["spearman_rho"] == pytest.approx(1.0)
     assert order["spearman_p_one_sided"] == pytest.approx(1 / 6)
 
@@ -340,7 +358,11 @@ def test_the_cifar10_table_renders_pairs_kernels_latency_and_cpus(tmp_path, monk
     assert "| RigL | 0.05 | 3 | 80.00 ± 0.10 | -2.60 ± 0.08 | **yes**" in text
     assert "| 0.70 ± 0.00 (kernels in 16 of 22 layers) |" in text  # (700 + seed) / 1000
     assert "0.70 (compacted 224 px latency 0.73× dense) |" in text
-    assert "| 0.05 | RigL − Static | 3 / 3 | +1.00 ± 0.08 | **yes** (t = +12.2, 4.0 df) |" in text
+    assert (
+        "| 0.05 | RigL − Static | 3 / 3 | +1.00 ± 0.08 | **yes** (t = +12.2, 4.0 df) | +1.00 ± 0.00: **yes**"
+        in text
+    )
+    assert "| paired by seed: difference ± s.e., beyond noise? (paired t, 5 %) |" in text
     assert "density 0.05: R_s order Static < RigL; " not in text  # two methods: no Spearman line
     assert "*Runs trained on: AMD EPYC (3 runs); 7 earlier runs without a record.*" in text
     assert "(1 thread)" in text
