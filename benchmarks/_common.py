@@ -321,8 +321,8 @@ def paired_gap(sample: dict[int, float], reference: dict[int, float]) -> dict[st
     """Whether ``sample`` and ``reference``, keyed by seed, differ beyond seed noise when each seed is
     compared with itself: the paired two-sided t-test at 5 % on the differences over the seeds both have.
 
-    Right where a seed fixes what the two runs share (initial weights, initial mask, data order), so a
-    seed that is good or bad for both cancels. Returns ``seeds`` (how many are paired), the mean difference
+    The right test where a seed fixes what the two runs share (initial weights, initial mask, data
+    order): a seed that is good or bad for both cancels out. Returns ``seeds`` (how many are paired), the mean difference
     ``gap``, its standard error ``se`` (std of the differences / sqrt(n)), ``t``, ``df`` (n - 1) and
     ``beyond_noise``; with fewer than 2 shared seeds ``se``, ``t``, ``df`` and ``beyond_noise`` are None."""
     seeds = sorted(sample.keys() & reference.keys())

@@ -290,10 +290,11 @@ def summarise(runs: list[dict], methods: list[str], densities: list[float]) -> t
 
 def method_pairs(runs: list[dict], methods: list[str], densities: list[float]) -> list[dict]:
     """Every pair of ``methods`` at each density where both have runs: the difference of their mean test
-    top-1 (the method with the higher mean R_s minus the other) with Welch's test and, under ``paired``, the
-    paired t-test over the seeds both ran (a seed fixes their initial weights, mask and data order), and per density the
-    Spearman correlation of the methods' mean R_s with their mean top-1 (ITOP's claim: accuracy grows with
-    R_s) with its exact one-sided permutation p-value. Each pair is one of several tests: no correction."""
+    top-1 (the method with the higher mean R_s minus the other) with Welch's test and, under ``paired``,
+    the paired t-test over the seeds both ran (a seed fixes their initial weights, mask and data order);
+    and per density the Spearman correlation of the methods' mean R_s with their mean top-1 (ITOP's claim:
+    accuracy grows with R_s) with its exact one-sided permutation p-value. Each pair is one of several
+    tests: no correction."""
     out = []
     for d in densities:
         cells = {
