@@ -322,26 +322,17 @@ def paired_gap(sample: dict[int, float], reference: dict[int, float]) -> dict[st
     compared with itself: the paired two-sided t-test at 5 % on the differences over the seeds both have.
 
     The right test where a seed fixes what the two runs share (initial weights, initial mask, data
-    order): a seed that is good or bad for both cancels out. Returns ``seeds`` (how many are paired), the mean difference
-    ``gap``, its standard error ``se`` (std of the differences / sqrt(n)), ``t``, ``df`` (n - 1) and
-    ``beyond_noise``; with fewer than 2 shared seeds ``se``, ``t``, ``df`` and ``beyond_noise`` are None."""
-    seeds = sorted(sample.keys() & reference.keys())
-    differences = [sample[s] - reference[s] for s in seeds]
-    gap = statistics.mean(differences) if differences else None
-    if len(differences) < 2:
-        return {"seeds": len(seeds), "gap": gap, "se": None, "t": None, "df": None, "beyond_noise": None}
-    se = statistics.stdev(differences) / len(differences) ** 0.5
-    if se == 0.0:
-        return {"seeds": len(seeds), "gap": gap, "se": 0.0, "t": None, "df": None, "beyond_noise": gap != 0.0}
-    t, df = gap / se, len(differences) - 1
-    return {
-        "seeds": len(seeds),
-        "gap": gap,
-        "se": se,
-        "t": t,
-        "df": df,
-        "beyond_noise": _beyond_5_percent(t, df),
-    }
+    order): a seed that is good or bad for both cancels out. Returns ``seeds`` (how many are paired), the
+    mean difference ``gap``, its standard error ``se`` (std of the differences / sqrt(n)), ``t``, ``df``
+    (n - 1) and ``beyond_noise``; with fewer than 2 shared seeds ``se``, ``t``, ``df`` and
+    ``beyond_noise`` are None."""
+    differences = [sample[s] - reference[s] for s in sorted(sample.keys() & reference.keys())]
+    n = len(differences)
+    gap = statistics.mean(differences) if n else None
+    se = statistics.stdev(differences) / n**0.5 if n >= 2 else None
+    t, df = (gap / se, n - 1) if se else (None, None)  # se 0: every seed differs alike, no t
+    beyond_noise = None if se is None else (gap != 0.0) if t is None else _beyond_5_percent(t, df)
+    return {"seeds": n, "gap": gap, "se": se, "t": t, "df": df, "beyond_noise": beyond_noise}
 
 
 def _beyond_5_percent(t: float, df: float) -> bool:

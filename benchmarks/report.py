@@ -169,9 +169,7 @@ def _accuracy(name: str) -> str:
     rows = []
     for r in data["table"]:
         se = f" ± {r['gap_se']:.2f}" if r["gap_se"] is not None else ""
-        verdict = {True: "**yes**", False: "no", None: "n/a (1 seed)"}[r["gap_beyond_noise"]]
-        if r["gap_t"] is not None:
-            verdict += f" (t = {r['gap_t']:+.1f}, {r['gap_df']:.1f} df)"
+        verdict = _verdict(r["gap_beyond_noise"], r["gap_t"], r["gap_df"])
         rows.append(
             f"| {METHOD_LABELS.get(r['method'], r['method'])} | {r['density']} | {len(r['seeds'])} | "
             f"{_mean_std(r['top1_mean'], r['top1_std'], len(r['seeds']), 2)} | {r['gap_to_dense']:+.2f}{se} | "
@@ -213,9 +211,7 @@ def _pairs(data: dict) -> str:
                 f"{p['spearman_rho']:+.2f} (exact one-sided p = {p['spearman_p_one_sided']:.3f})"
             )
             continue
-        verdict = {True: "**yes**", False: "no", None: "n/a (1 seed)"}[p["beyond_noise"]]
-        if p["t"] is not None:
-            verdict += f" (t = {p['t']:+.1f}, {p['df']:.1f} df)"
+        verdict = _verdict(p["beyond_noise"], p["t"], p["df"])
         se = f" ± {p['se']:.2f}" if p["se"] is not None else ""
         rows.append(
             f"| {p['density']} | {METHOD_LABELS.get(p['higher_rs'], p['higher_rs'])} − "
@@ -230,16 +226,30 @@ def _pairs(data: dict) -> str:
     return text + _table(header, rows) + "".join(f"\n\n{o}." for o in orders)
 
 
+def _verdict(
+    beyond_noise: bool | None,
+    t: float | None,
+    df: float | None,
+    *,
+    df_digits: int = 1,
+    missing: str = "n/a (1 seed)",
+) -> str:
+    """A test's verdict cell: **yes** / no with its t and degrees of freedom, or ``missing`` where there
+    were too few seeds to test."""
+    if beyond_noise is None:
+        return missing
+    verdict = "**yes**" if beyond_noise else "no"
+    return verdict if t is None else f"{verdict} (t = {t:+.1f}, {df:.{df_digits}f} df)"
+
+
 def _paired(test: dict | None) -> str:
     """One pair's paired-by-seed verdict (absent from results written before it was computed)."""
     if test is None:
         return "n/a"
-    if test["beyond_noise"] is None:
-        return f"n/a ({test['seeds']} shared seed{'s' if test['seeds'] != 1 else ''})"
-    verdict = "**yes**" if test["beyond_noise"] else "no"
-    if test["t"] is not None:
-        verdict += f" (t = {test['t']:+.1f}, {test['df']} df)"
-    return f"{test['gap']:+.2f} ± {test['se']:.2f}: {verdict}"
+    seeds = test["seeds"]
+    missing = f"n/a ({seeds} shared seed{'s' if seeds != 1 else ''})"
+    verdict = _verdict(test["beyond_noise"], test["t"], test["df"], df_digits=0, missing=missing)
+    return verdict if test["beyond_noise"] is None else f"{test['gap']:+.2f} ± {test['se']:.2f}: {verdict}"
 
 
 def _launch_cpus(data: dict) -> str:
